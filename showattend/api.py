@@ -1,0 +1,178 @@
+"""Python API: load a checkpoint once, caption many images, get words, score, β and maps back.
+
+    cap = showattend.load("runs/demo/best.pt")
+    [c] = cap.caption(["dog.jpg"], beam=3)
+    c.words, c.score, c.attention.shape  # (n_words, h, w)
+    fig = cap.overlay(c)                  # matplotlib Figure, one panel per word
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from showattend.data.images import ImageLoadError, Preprocessor
+from showattend.decoding import decode
+from showattend.vocab import Vocab
+
+ImageLike = str | os.PathLike | Image.Image
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".jfif"}
+
+
+@dataclass
+class Caption:
+    """One captioned image."""
+
+    image: str
+    caption: str
+    words: list[str]
+    score: float  # log p(caption) under the model
+    attention: np.ndarray  # (n_words, h, w), each map sums to 1
+    beta: np.ndarray  # (n_words,) gate value per word
+    locations: np.ndarray  # (n_words,) attended grid cell (argmax or sampled)
+    boxes: list[tuple[float, float, float, float]] | None  # hard attention: crop box per word (px)
+    view: np.ndarray = field(repr=False)  # (H, W, 3) uint8: the preprocessed image the model saw
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON record: image, caption, words, score, attention (per word H×W), beta."""
+        rec = {"image": self.image, "caption": self.caption, "words": self.words,
+               "score": round(self.score, 6),
+               "attention": np.round(self.attention, 6).tolist(),
+               "beta": np.round(self.beta, 6).tolist()}
+        if self.boxes is not None:
+            rec["boxes"] = [list(b) for b in self.boxes]
+        return rec
+
+
+def crop_boxes(locations: np.ndarray, grid: tuple[int, int], window: int,
+               size: tuple[int, int]) -> list[tuple[float, float, float, float]]:
+    """Pixel boxes (x0, y0, x1, y1) of the k×k crops at ``locations`` on an image of size (H, W)."""
+    gh, gw = grid
+    h, w = size
+    boxes = []
+    for loc in np.asarray(locations).tolist():
+        i, j = divmod(int(loc), gw)
+        r = window // 2
+        i0, i1 = max(0, i - r), min(gh, i + r + 1)
+        j0, j1 = max(0, j - r), min(gw, j + r + 1)
+        boxes.append((j0 * w / gw, i0 * h / gh, j1 * w / gw, i1 * h / gh))
+    return boxes
+
+
+def iter_image_paths(inputs: Sequence[str | os.PathLike]) -> Iterator[Path]:
+    """Expand folders (recursively, image extensions only, sorted); files pass through as given."""
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    yield f
+        else:
+            yield p
+
+
+class CaptionerAPI:
+    """A loaded model with its vocabulary and its preprocessing."""
+
+    def __init__(self, model, vocab: Vocab, preprocess: Preprocessor, config, device: torch.device):
+        self.model = model
+        self.vocab = vocab
+        self.preprocess = preprocess
+        self.config = config
+        self.device = device
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike, device: str = "auto") -> CaptionerAPI:
+        """Load a checkpoint (file, or run directory holding best.pt/last.pt)."""
+        from showattend.training import load_model, resolve_device
+
+        dev = resolve_device(device)
+        model, vocab, preprocess, cfg, _ = load_model(checkpoint, dev)
+        return cls(model, vocab, preprocess, cfg, dev)
+
+    @property
+    def attention_kind(self) -> str:
+        return self.model.attention_kind
+
+    @torch.no_grad()
+    def caption(self, images: Sequence[ImageLike] | ImageLike, beam: int | None = None,
+                max_len: int | None = None, mode: str | None = None,
+                batch_size: int = 16) -> list[Caption]:
+        """Caption images (paths or PIL images); an unreadable one raises ImageLoadError."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        beam = beam or self.config.eval.beam
+        max_len = max_len or self.config.eval.max_len
+        out: list[Caption] = []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start: start + batch_size])
+            views = [self.preprocess.view(im) for im in chunk]  # (H, W, 3) each
+            batch = torch.stack([self.preprocess(Image.fromarray(v)) for v in views])  # (B, 3, H, W)
+            out.extend(self._caption_batch(chunk, views, batch, beam, max_len, mode))
+        return out
+
+    def _caption_batch(self, chunk, views, batch, beam, max_len, mode) -> list[Caption]:
+        feats = self.model.encode(batch.to(self.device))  # (B, L, D)
+        dec = decode(self.model, feats, beam=beam, max_len=max_len,
+                     length_norm=self.config.eval.length_norm, mode=mode)
+        gh, gw = self.model.grid
+        res = []
+        for j, src in enumerate(chunk):
+            n = int(dec.lengths[j])
+            words = self.vocab.decode(dec.tokens[j, :n].tolist())
+            locs = dec.locations[j, :n].cpu().numpy()
+            boxes = None
+            if self.attention_kind == "hard" and (mode or self.model.test_mode) != "expectation":
+                boxes = crop_boxes(locs, (gh, gw), self.model.decoder.attention.window,
+                                   views[j].shape[:2])
+            res.append(Caption(
+                image=str(src) if not isinstance(src, Image.Image) else "<PIL.Image>",
+                caption=" ".join(words), words=words, score=float(dec.scores[j]),
+                attention=dec.alphas[j, :n].reshape(n, gh, gw).cpu().numpy(),
+                beta=dec.betas[j, :n].cpu().numpy(), locations=locs, boxes=boxes, view=views[j]))
+        return res
+
+    def caption_paths(self, inputs: Sequence[str | os.PathLike], beam: int | None = None,
+                      mode: str | None = None, batch_size: int = 16
+                      ) -> Iterator[tuple[Path, Caption | None, str | None]]:
+        """Caption files and folders; yields (path, caption, None) or (path, None, reason)."""
+        good: list[tuple[Path, Image.Image]] = []
+        for p in iter_image_paths(inputs):
+            try:
+                from showattend.data.images import load_image
+
+                good.append((p, load_image(p)))
+            except ImageLoadError as exc:
+                yield p, None, str(exc)
+                continue
+            if len(good) == batch_size:
+                yield from self._flush(good, beam, mode)
+                good = []
+        if good:
+            yield from self._flush(good, beam, mode)
+
+    def _flush(self, good, beam, mode):
+        caps = self.caption([im for _, im in good], beam=beam, mode=mode, batch_size=len(good))
+        for (p, _), c in zip(good, caps):
+            c.image = str(p)
+            yield p, c, None
+
+    def overlay(self, caption: Caption, smooth: bool = True):
+        """Figure: the image the model saw, then one heat-map panel per word (β in the title)."""
+        from showattend.visualize import attention_figure
+
+        return attention_figure(caption.view, caption.words, caption.attention, caption.beta,
+                                boxes=caption.boxes, title=caption.caption)
+
+
+def load(checkpoint: str | os.PathLike, device: str = "auto") -> CaptionerAPI:
+    """Load a checkpoint for captioning (model + vocabulary + preprocessing)."""
+    return CaptionerAPI.load(checkpoint, device)

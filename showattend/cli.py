@@ -1,0 +1,245 @@
+"""Command line: parses arguments and dispatches; the work lives in the library modules.
+
+Every user error (bad value, unknown config key, missing or unreadable file, no GPU when one is
+asked for) becomes one line on stderr and exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # imported lazily so `showattend --help` stays instant
+    from showattend.checkpoint import CheckpointError
+    from showattend.config import ConfigError
+    from showattend.data.coco import DataFormatError
+    from showattend.data.images import ImageLoadError
+    from showattend.models.encoder import EncoderError
+    from showattend.training import TrainingError
+    from showattend.vocab import VocabError
+
+    return (UserError, ConfigError, DataFormatError, ImageLoadError, CheckpointError,
+            EncoderError, TrainingError, VocabError, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError)
+
+
+def _repo_config(name: str) -> Path:
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"built-in config {name}.toml not found next to the package ({path}); "
+                        f"install showattend from a source checkout (pip install -e .)")
+    return path
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate the built-in data, train, evaluate on the test split, write overlays, summarise."""
+    from showattend.config import load_config
+    from showattend.training import fit
+
+    t0 = time.time()
+    out = Path(args.out)
+    name = "demo" if args.attention == "soft" else "demo_hard"
+    overrides = [f'out_dir="{out}"', f'data.root="{out / "data"}"', *args.overrides]
+    if args.epochs:
+        overrides.append(f"train.epochs={args.epochs}")
+    cfg = load_config(_repo_config(name), overrides)
+    result = fit(cfg, progress=not args.quiet)
+    if result.interrupted:
+        print(f"demo interrupted; resume with: showattend train --config {out / 'config.toml'} "
+              f"--resume")
+        return 130
+    m = result.test_metrics
+    n_overlays = _demo_overlays(out, args.overlays)
+    wall = time.time() - t0
+    print(f"demo ({cfg.attention.kind} attention): test BLEU-4 {m.get('BLEU-4', float('nan')):.3f}  "
+          f"CIDEr {m.get('CIDEr', float('nan')):.3f}  grounding {m.get('grounding', float('nan')):.3f} "
+          f"(strict {m.get('grounding_strict', float('nan')):.3f})  METEOR "
+          f"{m.get('METEOR', float('nan')):.3f}  on {int(m.get('images', 0))} held-out images, "
+          f"{result.epochs} epochs, train {result.train_seconds:.0f}s, wall {wall:.0f}s, "
+          f"{n_overlays} overlays -> {out}")
+    return 0
+
+
+def _demo_overlays(out: Path, n: int) -> int:
+    import showattend
+    from showattend.data.coco import read_coco_captions
+    from showattend.visualize import save_attention_figure
+
+    cap = showattend.load(out / "best.pt", device="cpu")
+    recs = read_coco_captions(out / "data" / "captions_test.json", out / "data", "test")[:n]
+    for c in cap.caption([r.path for r in recs]):
+        save_attention_figure(cap.overlay(c), out / "overlays" / f"{Path(c.image).stem}.png")
+    return len(recs)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from showattend.config import load_config
+    from showattend.io import atomic_write_text
+    from showattend.training import fit
+
+    cfg = load_config(args.config, args.overrides)
+    result = fit(cfg, resume=args.resume, progress=not args.quiet)
+    _ = atomic_write_text
+    if result.interrupted:
+        print(f"interrupted: saved {Path(cfg.out_dir) / 'last.pt'}; continue with --resume")
+        return 130
+    if result.test_metrics:
+        print(json.dumps({k: round(v, 4) for k, v in result.test_metrics.items()}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.results or args.annotations:
+        if not (args.results and args.annotations):
+            raise UserError("--results and --annotations go together")
+        from showattend.data.coco import read_coco_captions
+        from showattend.metrics import caption_metrics, read_coco_results
+
+        hyps = read_coco_results(args.results)
+        recs = read_coco_captions(args.annotations, ".", "test")
+        refs = {r.image_id: list(r.captions) for r in recs if r.captions}
+        missing = sorted(set(refs) - set(hyps))
+        extra = sorted(set(hyps) - set(refs))
+        if extra:
+            raise UserError(f"{args.results}: image_id {extra[0]} has no reference captions in "
+                            f"{args.annotations} ({len(extra)} such results)")
+        if missing:
+            logging.warning("%d annotated images have no result; scoring the %d that do",
+                            len(missing), len(hyps))
+        metrics = caption_metrics(hyps, {k: refs[k] for k in hyps}, meteor=not args.no_meteor)
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        return 0
+    if not args.checkpoint:
+        raise UserError("evaluate needs --checkpoint (or --results with --annotations)")
+    from showattend.training import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.split, beam=args.beam, out_dir=args.out,
+                                  device=args.device, meteor=False if args.no_meteor else None,
+                                  progress=not args.quiet, mode=args.mode)
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    import showattend
+    from showattend.visualize import save_attention_figure
+
+    cap = showattend.load(args.checkpoint, device=args.device)
+    failed = done = 0
+    records = []
+    for path, c, err in cap.caption_paths(args.images, beam=args.beam, mode=args.mode):
+        if err is not None:
+            failed += 1
+            print(f"showattend: skipped {path}: {err}", file=sys.stderr)
+            continue
+        done += 1
+        if args.json:
+            records.append(c.to_json())
+        else:
+            print(f"{path}\t{c.caption}")
+        if args.overlay_dir:
+            save_attention_figure(cap.overlay(c), Path(args.overlay_dir) / f"{path.stem}.png")
+    if args.json:
+        json.dump(records, sys.stdout)
+        sys.stdout.write("\n")
+    if done + failed == 0:
+        raise UserError("no images found in the given paths")
+    if failed:
+        print(f"showattend: {failed} of {done + failed} images failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="showattend", description="Show, Attend and Tell captioning "
+                                "with soft and hard attention.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="built-in end-to-end run on synthetic grounded shapes")
+    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--attention", choices=("soft", "hard"), default="soft")
+    d.add_argument("--epochs", type=int, default=0, help="override the number of epochs")
+    d.add_argument("--overlays", type=int, default=6, help="test images to draw overlays for")
+    d.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train from a TOML config")
+    t.add_argument("--config", required=True, help="TOML config file (see configs/)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a checkpoint on a split, or a COCO results file")
+    e.add_argument("--checkpoint", help="checkpoint file or run directory")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--beam", type=int, default=None, help="beam size (default: from the config)")
+    e.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
+                   help="hard attention test-time mode")
+    e.add_argument("--results", help="COCO-format results json [{image_id, caption}]")
+    e.add_argument("--annotations", help="COCO captions json with the references")
+    e.add_argument("--out", help="where to write metrics/results (default: next to checkpoint)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves ~10 s of Java)")
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("caption", help="caption images or folders of images")
+    c.add_argument("images", nargs="+", help="image files or folders")
+    c.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    c.add_argument("--beam", type=int, default=None)
+    c.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
+                   help="hard attention test-time mode")
+    c.add_argument("--overlay-dir", help="write one attention overlay PNG per image here")
+    c.add_argument("--json", action="store_true", help="print JSON records instead of text")
+    c.add_argument("--device", default="auto")
+    c.set_defaults(func=cmd_caption)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``showattend`` console script."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = extra
+    elif args.command == "demo":
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    for name in ("beam", "epochs", "overlays"):
+        v = getattr(args, name, None)
+        if v is not None and v < (0 if name in ("epochs", "overlays") else 1):
+            parser.error(f"--{name} must be positive")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="showattend: %(message)s")
+    try:
+        errors = _user_errors()
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("showattend: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - map known user errors to one line
+        if args.verbose or not isinstance(exc, errors):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
+                            NotADirectoryError)) and exc.filename:
+            msg = f"{exc.strerror}: {exc.filename}"
+        print(f"showattend: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Run configuration: nested frozen dataclasses, loaded from TOML, with dotted overrides.
+
+Unknown keys are an error (a typo in a config must never silently fall back to a default), and
+values are type-checked against the dataclass field types so ``--train.lr=abc`` fails clearly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (one-line message)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the captions and images come from and how captions become token ids."""
+
+    kind: str = "shapes"  # "shapes" (built-in synthetic) | "coco" (official json) | "karpathy"
+    root: str = "runs/data/shapes"  # shapes: output dir; coco/karpathy: image root
+    train_annotations: str = ""  # coco: captions_train2014.json
+    val_annotations: str = ""  # coco: captions_val2014.json
+    test_annotations: str = ""  # coco: optional separate test file (else val is split)
+    split_file: str = ""  # karpathy: dataset_coco.json / dataset_flickr8k.json / ...
+    objects: str = ""  # optional objects file for grounding ({split} is substituted)
+    n_train: int = 6000
+    n_val: int = 500
+    n_test: int = 500
+    seed: int = 0
+    min_word_freq: int = 1
+    max_len: int = 20
+    cache_in_memory: bool = True
+    num_workers: int = 0
+    max_images: int = 0  # >0 keeps only the first N images of every split (quick experiments)
+    on_bad_image: str = "skip"  # "skip" (count and report) | "error"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """CNN backbone producing the grid of annotation vectors."""
+
+    backbone: str = "shapes_cnn"  # shapes_cnn | resnet50 | resnet101 | resnet152 | vgg16 | vgg19
+    weights: str = "none"  # "imagenet" | "none" | path to a local state-dict file
+    grid: int = 8  # annotation grid is grid × grid (adaptive pooling)
+    image_size: int = 64  # input images are resized to image_size × image_size
+    resize: str = "stretch"  # "stretch" | "crop"
+    channels: int = 128  # shapes_cnn width (last stage)
+    coords: bool = True  # append 2 coordinate channels (x, y in [-1, 1]) to every annotation
+    fine_tune_blocks: int = 0  # torchvision backbones: number of last blocks trained (0 = frozen)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Attention mechanism: soft (deterministic) or hard (stochastic crop)."""
+
+    kind: str = "soft"  # "soft" | "hard"
+    score: str = "additive"  # additive | general | scaled_dot | cosine
+    dim: int = 128  # attention MLP / projection width
+    window: int = 1  # hard: crop size k (odd); k=1 is the paper's hard attention
+    test_mode: str = "argmax"  # hard at test time: expectation | argmax | sample | mc
+    mc_samples: int = 8  # hard, test_mode "mc": samples averaged per step
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """LSTM decoder with deep output layer."""
+
+    embed_dim: int = 64
+    hidden_dim: int = 256
+    dropout: float = 0.3
+    beta: str = "scalar"  # gating scalar β: "none" | "scalar" | "channel"
+    deep_output: bool = True
+
+
+@dataclass(frozen=True)
+class HardConfig:
+    """REINFORCE terms for hard attention (units documented in losses.py)."""
+
+    lambda_r: float = 0.01  # weight of the score-function term (reward summed over words)
+    lambda_e: float = 3e-5  # entropy bonus per step
+    baseline_decay: float = 0.9  # b ← decay·b + (1−decay)·mean(r)
+    mix_prob: float = 0.5  # probability of using the expected (soft) context
+    mix_mode: str = "batch"  # "batch" | "sample" | "off"
+    n_samples: int = 1  # location samples per image
+    warm_start: str = ""  # soft checkpoint to initialise from
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, checkpointing."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    encoder_lr: float = 0.0  # 0 = same as lr (only for trainable encoder parameters)
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    alpha_c: float = 1.0  # λ of the doubly stochastic penalty
+    lr_decay: float = 0.5  # factor on plateau of the validation metric
+    lr_patience: int = 2  # epochs without improvement before decaying
+    early_stop: int = 6  # epochs without improvement before stopping (0 = never)
+    val_metric: str = "BLEU-4"  # "BLEU-4" | "CIDEr" (free-running decoding, never teacher forced)
+    val_beam: int = 1
+    val_images: int = 0  # >0: validate on the first N val images only
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    deterministic: bool = False
+    nan_policy: str = "stop"  # "stop" | "skip"
+    log_every: int = 50
+    threads: int = 0  # torch threads on CPU (0 = torch default)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Decoding and metrics at evaluation time."""
+
+    beam: int = 3
+    max_len: int = 20
+    length_norm: float = 0.0  # score / length**length_norm when ranking finished beams
+    meteor: bool = True
+    batch_size: int = 100
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    name: str = "run"
+    out_dir: str = "runs/run"
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    hard: HardConfig = field(default_factory=HardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys and bad types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where}.{unknown[0]} (known: {', '.join(sorted(names))})"
+                          .replace("config.", "", 1))
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        sub = f"{where}.{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, sub)
+        else:
+            kwargs[name] = _check_type(value, tp, sub.replace("config.", "", 1))
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (TOML/JSON-able) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as --encoder.backbone=resnet101
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (leading dashes allowed) to a nested dict copy."""
+    out = _deepcopy(data)
+    for item in overrides:
+        item = item.lstrip("-")
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part} is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return out
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot parse config {p}: {exc}") from None
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    ("data", "kind"): ("shapes", "coco", "karpathy"),
+    ("data", "on_bad_image"): ("skip", "error"),
+    ("encoder", "resize"): ("stretch", "crop"),
+    ("attention", "kind"): ("soft", "hard"),
+    ("attention", "score"): ("additive", "general", "scaled_dot", "cosine"),
+    ("attention", "test_mode"): ("expectation", "argmax", "sample", "mc"),
+    ("decoder", "beta"): ("none", "scalar", "channel"),
+    ("hard", "mix_mode"): ("batch", "sample", "off"),
+    ("train", "val_metric"): ("BLEU-4", "CIDEr"),
+    ("train", "nan_policy"): ("stop", "skip"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and enumerations; raise ConfigError with the offending key."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key} = {value!r}: must be one of {', '.join(choices)}")
+    positive = [("train", "epochs"), ("train", "batch_size"), ("encoder", "grid"),
+                ("encoder", "image_size"), ("decoder", "hidden_dim"), ("decoder", "embed_dim"),
+                ("attention", "dim"), ("eval", "beam"), ("eval", "max_len"), ("data", "max_len"),
+                ("hard", "n_samples"), ("attention", "mc_samples"), ("train", "val_beam")]
+    for section, key in positive:
+        if getattr(getattr(cfg, section), key) <= 0:
+            raise ConfigError(f"{section}.{key} must be > 0")
+    if cfg.attention.window % 2 != 1:
+        raise ConfigError("attention.window must be odd (the crop is centred on the sampled cell)")
+    if not 0.0 <= cfg.decoder.dropout < 1.0:
+        raise ConfigError("decoder.dropout must be in [0, 1)")
+    if not 0.0 <= cfg.hard.mix_prob <= 1.0:
+        raise ConfigError("hard.mix_prob must be in [0, 1]")
+    if cfg.train.lr <= 0:
+        raise ConfigError("train.lr must be > 0")
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with some section fields replaced: replace(cfg, train={"epochs": 1})."""
+    changes = {}
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            changes[name] = dataclasses.replace(getattr(cfg, name), **values)
+        else:
+            changes[name] = values
+    return dataclasses.replace(cfg, **changes)
+
+
+_ = types  # keep the import for typing.get_type_hints on postponed annotations

@@ -1,0 +1,163 @@
+"""Torch datasets over ImageRecords, a shared image cache, and the records/vocabulary builder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from showattend.data.coco import ImageRecord
+from showattend.data.images import ImageLoadError, Preprocessor
+from showattend.vocab import PAD_ID, Vocab
+
+log = logging.getLogger(__name__)
+
+
+class ImageSource:
+    """Preprocessed image tensors by record index: in-memory cache or load on demand.
+
+    Bad images are skipped and counted (``bad``: index → reason), never crash an epoch.
+    """
+
+    def __init__(self, records: list[ImageRecord], preprocess: Preprocessor, cache: bool,
+                 desc: str = "images", progress: bool = True):
+        self.records = records
+        self.preprocess = preprocess
+        self.bad: dict[int, str] = {}
+        self.cache: list[torch.Tensor | None] | None = None
+        if cache:
+            self.cache = []
+            for i, rec in enumerate(tqdm(records, desc=f"loading {desc}", disable=not progress,
+                                         leave=False)):
+                self.cache.append(self._load(i, rec))
+
+    def _load(self, i: int, rec: ImageRecord) -> torch.Tensor | None:
+        try:
+            return self.preprocess(rec.path)
+        except ImageLoadError as exc:
+            self.bad[i] = str(exc)
+            return None
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        if self.cache is not None:
+            return self.cache[i]
+        return self._load(i, self.records[i])
+
+
+class CaptionDataset(Dataset):
+    """Training items: one per (image, caption) → (image (3,H,W), ids (n+2,), image_id)."""
+
+    def __init__(self, source: ImageSource, vocab: Vocab, max_len: int):
+        self.source = source
+        self.items: list[tuple[int, list[int]]] = []
+        for i, rec in enumerate(source.records):
+            if i in source.bad:
+                continue
+            for cap in rec.captions:
+                ids = vocab.encode(cap, max_len)
+                if len(ids) > 2:  # a caption with no word teaches nothing
+                    self.items.append((i, ids))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int):
+        i, ids = self.items[idx]
+        img = self.source[i]
+        if img is None:
+            return None
+        return img, torch.tensor(ids, dtype=torch.long), self.source.records[i].image_id
+
+
+class ImageDataset(Dataset):
+    """Evaluation items: one per image → (image (3,H,W), record index)."""
+
+    def __init__(self, source: ImageSource):
+        self.source = source
+        self.indices = [i for i in range(len(source.records)) if i not in source.bad]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, idx: int):
+        i = self.indices[idx]
+        img = self.source[i]
+        if img is None:
+            return None
+        return img, i
+
+
+def collate_captions(batch):
+    """Pad captions with <pad>; drop items whose image failed to load (counted in n_bad)."""
+    good = [b for b in batch if b is not None]
+    n_bad = len(batch) - len(good)
+    if not good:
+        return None, None, None, n_bad
+    imgs = torch.stack([b[0] for b in good])  # (B, 3, H, W)
+    longest = max(len(b[1]) for b in good)
+    caps = torch.full((len(good), longest), PAD_ID, dtype=torch.long)  # (B, T+1)
+    for j, b in enumerate(good):
+        caps[j, : len(b[1])] = b[1]
+    ids = torch.tensor([b[2] for b in good])
+    return imgs, caps, ids, n_bad
+
+
+def collate_images(batch):
+    """Stack images; drop failed ones."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None, [], len(batch)
+    return torch.stack([b[0] for b in good]), [b[1] for b in good], len(batch) - len(good)
+
+
+@dataclass
+class Splits:
+    """Records of each split after loading."""
+
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    test: list[ImageRecord]
+    objects: dict[str, dict[int, list[dict]]]  # split → image_id → objects (grounding), may be {}
+
+
+def load_splits(cfg, progress: bool = True) -> Splits:
+    """Read (and for the built-in data, generate) the train/val/test records of a DataConfig."""
+    from showattend.data import coco
+
+    d = cfg
+    objects: dict[str, dict[int, list[dict]]] = {}
+    if d.kind == "shapes":
+        from showattend.data.shapes import generate_shapes
+
+        root = Path(d.root)
+        generate_shapes(root, d.n_train, d.n_val, d.n_test, seed=d.seed, progress=progress)
+        recs = {s: coco.read_coco_captions(root / f"captions_{s}.json", root, s)
+                for s in ("train", "val", "test")}
+        objects = {s: coco.read_objects(root / f"objects_{s}.json") for s in ("train", "val", "test")}
+    elif d.kind == "coco":
+        if not d.train_annotations or not d.val_annotations:
+            raise coco.DataFormatError("data.kind = 'coco' needs data.train_annotations and "
+                                       "data.val_annotations")
+        recs = {"train": coco.read_coco_captions(d.train_annotations, d.root, "train"),
+                "val": coco.read_coco_captions(d.val_annotations, d.root, "val")}
+        recs["test"] = (coco.read_coco_captions(d.test_annotations, d.root, "test")
+                        if d.test_annotations else recs["val"])
+    else:
+        if not d.split_file:
+            raise coco.DataFormatError("data.kind = 'karpathy' needs data.split_file")
+        recs = coco.read_karpathy(d.split_file, d.root)
+    if d.objects and d.kind != "shapes":
+        for s in ("train", "val", "test"):
+            p = Path(d.objects.format(split=s))
+            if p.is_file():
+                objects[s] = coco.read_objects(p)
+    if d.max_images > 0:
+        recs = {s: r[: d.max_images] for s, r in recs.items()}
+    for s in ("train", "val", "test"):
+        if not recs.get(s):
+            raise coco.DataFormatError(f"split '{s}' has no images")
+    return Splits(recs["train"], recs["val"], recs["test"], objects)

@@ -1,0 +1,70 @@
+"""Training objectives.
+
+Units (stated once, used everywhere):
+* cross-entropy: mean over all non-padded target tokens of the batch;
+* doubly stochastic penalty: λ · mean over images and cells of (1 − Σ_t α_ti)², padded steps masked;
+* REINFORCE (hard attention): reward r = log p(y | s̃, a) **summed over the words** of a caption;
+  the score-function and entropy terms are summed over captions and steps and then divided by the
+  same token count as the cross-entropy. The whole loss is therefore the paper's per-caption
+  objective scaled by 1/tokens, so λ_r and λ_e keep the paper's relative meaning.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from showattend.vocab import PAD_ID
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood (B, T); padded targets give 0."""
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
+                          ignore_index=PAD_ID)  # (B, T)
+    return nll
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over non-padded tokens: logits (B, T, V), targets (B, T)."""
+    mask = targets != PAD_ID
+    return token_nll(logits, targets).sum() / mask.sum().clamp_min(1)
+
+
+def doubly_stochastic(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over images and cells of (1 − Σ_t α_ti)²: alphas (B, T, L), mask (B, T) bool."""
+    total = (alphas * mask.unsqueeze(-1).to(alphas.dtype)).sum(1)  # (B, L)
+    return ((1.0 - total) ** 2).mean()
+
+
+class HardLoss(NamedTuple):
+    loss: torch.Tensor
+    ce: torch.Tensor
+    score_function: torch.Tensor  # the surrogate whose gradient is the score-function term
+    entropy: torch.Tensor  # mean attention entropy per step (nats)
+    reward: torch.Tensor  # (B,) r = log p(y|s̃,a), summed over words
+    advantage: torch.Tensor  # (B,) r − b (zero for samples that used the expected context)
+
+
+def reinforce_loss(logits: torch.Tensor, targets: torch.Tensor, log_probs: torch.Tensor,
+                   entropies: torch.Tensor, baseline: float, lambda_r: float, lambda_e: float,
+                   sampled: torch.Tensor | None = None) -> HardLoss:
+    """Stochastic hard-attention objective (Xu et al., Eq. 12) as a surrogate loss.
+
+    logits (B, T, V), targets (B, T), log_probs (B, T) = log p(s̃_t) (0 where the expected context
+    was used), entropies (B, T), sampled (B,) bool: which captions used sampled locations.
+    """
+    mask = targets != PAD_ID  # (B, T)
+    n_tok = mask.sum().clamp_min(1)
+    nll = token_nll(logits, targets)  # (B, T)
+    ce = nll.sum() / n_tok
+    reward = -nll.sum(1).detach()  # (B,)
+    advantage = reward - baseline  # (B,)
+    if sampled is not None:
+        advantage = advantage * sampled.to(advantage.dtype)
+    logp_s = (log_probs * mask).sum(1)  # (B,)
+    sf = -(lambda_r * advantage * logp_s).sum() / n_tok
+    ent_sum = (entropies * mask).sum()
+    ent_term = -lambda_e * ent_sum / n_tok
+    return HardLoss(ce + sf + ent_term, ce, sf, ent_sum / n_tok, reward, advantage)

@@ -1,0 +1,200 @@
+"""Attention over the annotation grid: score functions (one registry), soft and hard attention.
+
+A score function maps annotations a (B, L, D) and the decoder state h (B, N) to scores e (B, L).
+Annotation-side projections are computed once per image (``precompute``), not once per word.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class AdditiveScore(nn.Module):
+    """The paper's MLP: e_i = wᵀ tanh(W_a a_i + W_h h) + b."""
+
+    def __init__(self, feat_dim: int, hidden_dim: int, attn_dim: int):
+        super().__init__()
+        self.proj_a = nn.Linear(feat_dim, attn_dim)
+        self.proj_h = nn.Linear(hidden_dim, attn_dim, bias=False)
+        self.out = nn.Linear(attn_dim, 1)
+
+    def precompute(self, a: torch.Tensor) -> torch.Tensor:
+        return self.proj_a(a)  # (B, L, A)
+
+    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(keys + self.proj_h(h).unsqueeze(1))).squeeze(-1)  # (B, L)
+
+
+class GeneralScore(nn.Module):
+    """Bilinear ("general") score e_i = hᵀ W a_i."""
+
+    def __init__(self, feat_dim: int, hidden_dim: int, attn_dim: int):
+        super().__init__()
+        self.W = nn.Linear(hidden_dim, feat_dim, bias=False)
+
+    def precompute(self, a: torch.Tensor) -> torch.Tensor:
+        return a  # (B, L, D)
+
+    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(keys, self.W(h).unsqueeze(-1)).squeeze(-1)  # (B, L)
+
+
+class ScaledDotScore(nn.Module):
+    """Scaled dot product of projections: e_i = (W_q h)·(W_k a_i) / √A."""
+
+    def __init__(self, feat_dim: int, hidden_dim: int, attn_dim: int):
+        super().__init__()
+        self.q = nn.Linear(hidden_dim, attn_dim, bias=False)
+        self.k = nn.Linear(feat_dim, attn_dim, bias=False)
+        self.scale = 1.0 / math.sqrt(attn_dim)
+
+    def precompute(self, a: torch.Tensor) -> torch.Tensor:
+        return self.k(a)  # (B, L, A)
+
+    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(keys, self.q(h).unsqueeze(-1)).squeeze(-1) * self.scale  # (B, L)
+
+
+class CosineScore(nn.Module):
+    """Cosine similarity of projections times a learned temperature (bounded scores)."""
+
+    def __init__(self, feat_dim: int, hidden_dim: int, attn_dim: int):
+        super().__init__()
+        self.q = nn.Linear(hidden_dim, attn_dim, bias=False)
+        self.k = nn.Linear(feat_dim, attn_dim, bias=False)
+        self.log_temp = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def precompute(self, a: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.k(a), dim=-1)  # (B, L, A)
+
+    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        q = F.normalize(self.q(h), dim=-1)  # (B, A)
+        return torch.bmm(keys, q.unsqueeze(-1)).squeeze(-1) * self.log_temp.exp()  # (B, L)
+
+
+SCORES: dict[str, type[nn.Module]] = {
+    "additive": AdditiveScore,
+    "general": GeneralScore,
+    "scaled_dot": ScaledDotScore,
+    "cosine": CosineScore,
+}
+
+
+def build_score(name: str, feat_dim: int, hidden_dim: int, attn_dim: int) -> nn.Module:
+    """Score function by registry name."""
+    if name not in SCORES:
+        raise ValueError(f"unknown attention score {name!r}; choose one of {', '.join(SCORES)}")
+    return SCORES[name](feat_dim, hidden_dim, attn_dim)
+
+
+class Memory(NamedTuple):
+    """Per-image tensors computed once before decoding."""
+
+    feats: torch.Tensor  # (B, L, D) annotations (soft context source)
+    keys: torch.Tensor  # (B, L, A) score-function projections
+    crops: torch.Tensor  # (B, L, D) hard: mean of the k×k window around each cell (== feats for k=1)
+
+
+class AttentionOutput(NamedTuple):
+    context: torch.Tensor  # (B, D)
+    alpha: torch.Tensor  # (B, L) attention distribution
+    log_prob: torch.Tensor  # (B,) log α at the sampled location (zeros for soft / expectation)
+    entropy: torch.Tensor  # (B,) entropy of α in nats
+    location: torch.Tensor  # (B,) chosen cell (argmax for soft / expectation)
+
+
+def _entropy(alpha: torch.Tensor) -> torch.Tensor:
+    return -(alpha * alpha.clamp_min(1e-12).log()).sum(-1)  # (B,)
+
+
+class SoftAttention(nn.Module):
+    """Deterministic soft attention: z = Σ_i α_i a_i."""
+
+    kind = "soft"
+
+    def __init__(self, score: nn.Module, grid: tuple[int, int]):
+        super().__init__()
+        self.score = score
+        self.grid = grid
+
+    def precompute(self, feats: torch.Tensor) -> Memory:
+        return Memory(feats, self.score.precompute(feats), feats)
+
+    def forward(self, mem: Memory, h: torch.Tensor, mode: str = "expectation",
+                mix: torch.Tensor | None = None) -> AttentionOutput:
+        alpha = torch.softmax(self.score(mem.keys, h), dim=-1)  # (B, L)
+        context = torch.bmm(alpha.unsqueeze(1), mem.feats).squeeze(1)  # (B, D)
+        zeros = alpha.new_zeros(alpha.shape[0])
+        return AttentionOutput(context, alpha, zeros, _entropy(alpha), alpha.argmax(-1))
+
+
+class HardAttention(nn.Module):
+    """Stochastic hard attention: s ~ Cat(α), context = mean of the k×k crop of the grid at s.
+
+    The crop is zero-padded at the borders but averaged over the cells that exist
+    (``count_include_pad=False``), so a border crop is not darkened by padding.
+    Modes: "sample" (training / stochastic decoding), "argmax", "expectation" (Σ_s α_s crop(s)),
+    "mc" (mean of ``mc_samples`` sampled crops, a Monte-Carlo estimate of the expectation).
+    ``mix`` (B,) bool selects, per sample, the expected context instead of the sampled one.
+    """
+
+    kind = "hard"
+
+    def __init__(self, score: nn.Module, grid: tuple[int, int], window: int = 1, mc_samples: int = 8):
+        super().__init__()
+        if window % 2 != 1:
+            raise ValueError("hard attention window must be odd")
+        self.score = score
+        self.grid = grid
+        self.window = window
+        self.mc_samples = mc_samples
+
+    def crop_means(self, feats: torch.Tensor) -> torch.Tensor:
+        """Mean annotation of the k×k window centred on every cell: (B, L, D)."""
+        if self.window == 1:
+            return feats
+        b, l, d = feats.shape
+        h, w = self.grid
+        fmap = feats.transpose(1, 2).reshape(b, d, h, w)  # (B, D, H, W)
+        pooled = F.avg_pool2d(fmap, self.window, stride=1, padding=self.window // 2,
+                              count_include_pad=False)  # (B, D, H, W)
+        return pooled.flatten(2).transpose(1, 2)  # (B, L, D)
+
+    def precompute(self, feats: torch.Tensor) -> Memory:
+        return Memory(feats, self.score.precompute(feats), self.crop_means(feats))
+
+    def forward(self, mem: Memory, h: torch.Tensor, mode: str = "sample",
+                mix: torch.Tensor | None = None) -> AttentionOutput:
+        logits = self.score(mem.keys, h)  # (B, L)
+        alpha = torch.softmax(logits, dim=-1)  # (B, L)
+        log_alpha = torch.log_softmax(logits, dim=-1)  # (B, L)
+        expected = torch.bmm(alpha.unsqueeze(1), mem.crops).squeeze(1)  # (B, D)
+        if mode == "expectation":
+            loc = alpha.argmax(-1)
+            return AttentionOutput(expected, alpha, alpha.new_zeros(len(alpha)), _entropy(alpha), loc)
+        if mode == "argmax":
+            loc = alpha.argmax(-1)  # (B,)
+        elif mode == "sample":
+            loc = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B,)
+        elif mode == "mc":
+            locs = torch.multinomial(alpha.detach(), self.mc_samples, replacement=True)  # (B, S)
+            picked = torch.gather(mem.crops, 1, locs.unsqueeze(-1).expand(-1, -1, mem.crops.shape[-1]))
+            context = picked.mean(1)  # (B, D)
+            zeros = alpha.new_zeros(len(alpha))
+            return AttentionOutput(context, alpha, zeros, _entropy(alpha), alpha.argmax(-1))
+        else:
+            raise ValueError(f"unknown hard attention mode {mode!r}")
+        # The sampled crop is a constant w.r.t. α: gradient reaches the attention parameters only
+        # through log p(s) in the score-function term (and through `expected` where mixed).
+        context = mem.crops[torch.arange(len(loc), device=loc.device), loc]  # (B, D)
+        log_prob = log_alpha.gather(1, loc.unsqueeze(1)).squeeze(1)  # (B,)
+        if mix is not None:
+            m = mix.to(context.dtype).unsqueeze(1)  # (B, 1)
+            context = m * expected + (1 - m) * context
+            log_prob = log_prob * (1 - m.squeeze(1))
+        return AttentionOutput(context, alpha, log_prob, _entropy(alpha), loc)

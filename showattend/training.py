@@ -1,0 +1,556 @@
+"""Training loop (torchvision-reference shape): train_one_epoch, evaluate, fit.
+
+Resumable and crash-safe: ``last.pt`` is written atomically at the end of every epoch (and on
+SIGINT/SIGTERM, mid-epoch) with model, optimiser, schedule, baseline, RNG state and position in
+the epoch, so a resumed run continues exactly where the checkpoint left off. The data order of an
+epoch is a pure function of (seed, epoch), which makes resumption bit-identical on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from showattend import config as C
+from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from showattend.data.coco import ImageRecord
+from showattend.data.datasets import (CaptionDataset, ImageDataset, ImageSource, Splits,
+                                      collate_captions, collate_images, load_splits)
+from showattend.data.images import Preprocessor
+from showattend.decoding import decode
+from showattend.io import atomic_write_json, atomic_write_text
+from showattend.losses import doubly_stochastic, masked_cross_entropy, reinforce_loss
+from showattend.models.captioner import Captioner
+from showattend.vocab import PAD_ID, Vocab
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, bad resume, missing GPU…)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" → first GPU if present, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device '{name}' was requested but no CUDA GPU is available "
+                            f"(use --train.device=cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"unknown device '{name}'") from None
+
+
+def make_preprocess(cfg: C.Config, model: Captioner) -> Preprocessor:
+    """The one preprocessing of a model: size from the config, normalisation from the weights."""
+    norm = model.encoder.normalisation
+    size = cfg.encoder.image_size
+    return Preprocessor(size=(size, size), mean=tuple(norm.mean), std=tuple(norm.std),
+                        resize=cfg.encoder.resize)
+
+
+def lr_at(base_lr: float, decays: int, factor: float) -> float:
+    """Learning rate after ``decays`` plateau decays (a pure function of the schedule state)."""
+    return base_lr * factor ** decays
+
+
+@dataclass
+class TrainState:
+    """Everything beyond weights that a resumed run needs."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    batch_in_epoch: int = 0  # batches of the current epoch already done (mid-epoch save)
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the best (early stopping and plateau)
+    decays: int = 0  # LR decays so far
+    since_decay: int = 0
+    baseline: float | None = None  # REINFORCE moving-average baseline
+    skipped_steps: int = 0
+    bad_images: int = 0
+    elapsed: float = 0.0  # training seconds so far
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _mix_for_batch(cfg: C.HardConfig, b: int, device: torch.device) -> tuple[str, torch.Tensor | None]:
+    """The paper's trick: use the expected context with probability mix_prob."""
+    if cfg.mix_mode == "batch":
+        if float(torch.rand(())) < cfg.mix_prob:
+            return "expectation", None
+        return "sample", None
+    if cfg.mix_mode == "sample":
+        return "sample", torch.rand(b) < cfg.mix_prob
+    return "sample", None
+
+
+def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.Config,
+               state: TrainState, stats: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch (not yet backpropagated) and its logged statistics."""
+    targets = caps[:, 1:]  # (B, T)
+    mask = targets != PAD_ID
+    if model.attention_kind == "soft":
+        out = model(imgs, caps)
+        ce = masked_cross_entropy(out.logits, targets)
+        ds = doubly_stochastic(out.alphas, mask)
+        loss = ce + cfg.train.alpha_c * ds
+        return loss, {"loss": loss.item(), "ce": ce.item(), "ds": ds.item()}
+    h = cfg.hard
+    feats = model.encode(imgs)  # (B, L, D)
+    if h.n_samples > 1:
+        feats = feats.repeat_interleave(h.n_samples, 0)  # (B·N, L, D)
+        caps = caps.repeat_interleave(h.n_samples, 0)
+        targets, mask = caps[:, 1:], caps[:, 1:] != PAD_ID
+    mode, mix = _mix_for_batch(h, feats.shape[0], feats.device)
+    if mix is not None:
+        mix = mix.to(feats.device)
+    out = model(imgs, caps, mode=mode, mix=mix, feats=feats)
+    ds = doubly_stochastic(out.alphas, mask)
+    if mode == "expectation":
+        ce = masked_cross_entropy(out.logits, targets)
+        loss = ce + cfg.train.alpha_c * ds
+        return loss, {"loss": float(loss), "ce": float(ce), "ds": float(ds), "soft_batch": 1.0}
+    sampled = ~mix if mix is not None else torch.ones(feats.shape[0], dtype=torch.bool,
+                                                     device=feats.device)
+    baseline = state.baseline
+    if baseline is None:  # start the moving average at the first rewards, not at 0
+        with torch.no_grad():
+            baseline = float(-torch.nn.functional.cross_entropy(
+                out.logits.transpose(1, 2), targets, ignore_index=PAD_ID, reduction="none").sum(1).mean())
+    hl = reinforce_loss(out.logits, targets, out.log_probs, out.entropies, baseline, h.lambda_r,
+                        h.lambda_e, sampled)
+    loss = hl.loss + cfg.train.alpha_c * ds
+    if bool(sampled.any()):
+        r = float(hl.reward[sampled].mean())
+        state.baseline = h.baseline_decay * baseline + (1 - h.baseline_decay) * r
+    rec = {"loss": float(loss), "ce": float(hl.ce), "ds": float(ds), "reward": float(hl.reward.mean()),
+           "baseline": float(baseline), "adv_std": float(hl.advantage[sampled].std())
+           if int(sampled.sum()) > 1 else 0.0, "entropy": float(hl.entropy), "soft_batch": 0.0}
+    if stats:
+        rec["sf_grad_var"] = score_function_grad_variance(model, hl, out, targets, h, sampled)
+    return loss, rec
+
+
+def score_function_grad_variance(model: Captioner, hl, out, targets, h: C.HardConfig,
+                                 sampled: torch.Tensor, chunks: int = 4) -> float:
+    """Variance (trace, per parameter) of the score-function gradient on the attention parameters,
+    estimated from ``chunks`` disjoint sub-batches (each an independent estimate)."""
+    params = [p for p in model.decoder.attention.parameters() if p.requires_grad]
+    mask = targets != PAD_ID
+    logp_s = (out.log_probs * mask).sum(1)  # (B,)
+    idx = torch.arange(len(logp_s), device=logp_s.device)[sampled]
+    if len(idx) < chunks:
+        return float("nan")
+    grads = []
+    for part in idx.chunk(chunks):
+        sf = -(h.lambda_r * hl.advantage[part] * logp_s[part]).sum() / mask[part].sum().clamp_min(1)
+        g = torch.autograd.grad(sf, params, retain_graph=True, allow_unused=True)
+        grads.append(torch.cat([x.flatten() if x is not None else torch.zeros_like(p).flatten()
+                                for x, p in zip(g, params)]))
+    G = torch.stack(grads)  # (chunks, P)
+    return float(G.var(0).sum())
+
+
+def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset: CaptionDataset,
+                    cfg: C.Config, state: TrainState, device: torch.device, log_fn, stop: _StopFlag,
+                    save_fn, progress: bool = True) -> bool:
+    """One pass over the training captions; returns False if interrupted by a signal."""
+    model.train()
+    order = _epoch_order(len(dataset), cfg.train.seed, state.epoch)
+    bs = cfg.train.batch_size
+    batches = [order[i: i + bs] for i in range(0, len(order), bs)]
+    start = state.batch_in_epoch
+    bar = tqdm(total=len(batches), initial=start, desc=f"epoch {state.epoch + 1}",
+               disable=not progress, leave=False)
+    t0 = time.time()
+    for bi in range(start, len(batches)):
+        imgs, caps, _, n_bad = collate_captions([dataset[i] for i in batches[bi]])
+        state.bad_images += n_bad
+        if imgs is None:
+            state.batch_in_epoch = bi + 1
+            continue
+        imgs, caps = imgs.to(device, non_blocking=True), caps.to(device, non_blocking=True)
+        want_stats = model.attention_kind == "hard" and state.step % cfg.train.log_every == 0
+        loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats)
+        if not math.isfinite(float(loss)):
+            if cfg.train.nan_policy == "stop":
+                raise TrainingError(
+                    f"non-finite loss ({float(loss)}) at epoch {state.epoch + 1}, step {state.step}; "
+                    f"stopped without saving — the last good checkpoint is intact "
+                    f"(try a lower train.lr or train.nan_policy=skip)")
+            state.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            state.batch_in_epoch = bi + 1
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], cfg.train.grad_clip)
+        optimizer.step()
+        state.step += 1
+        state.batch_in_epoch = bi + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        if state.step % cfg.train.log_every == 0:
+            rec.update(kind="train", epoch=state.epoch, step=state.step, grad_norm=float(gnorm),
+                       lr=optimizer.param_groups[0]["lr"])
+            log_fn(rec)
+        if stop.signum is not None:
+            state.elapsed += time.time() - t0
+            save_fn("last.pt")
+            bar.close()
+            return False
+    state.elapsed += time.time() - t0
+    bar.close()
+    return True
+
+
+@torch.no_grad()
+def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: torch.device,
+                   beam: int = 1, max_len: int = 20, length_norm: float = 0.0, batch_size: int = 100,
+                   mode: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Caption every good image of ``source``: one dict per image (words, attention, β, …)."""
+    model.eval()
+    ds = ImageDataset(source)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_images)
+    gh, gw = model.grid
+    results = []
+    for imgs, idxs, _ in tqdm(loader, desc="decoding", disable=not progress, leave=False):
+        if imgs is None:
+            continue
+        feats = model.encode(imgs.to(device))  # (B, L, D)
+        dec = decode(model, feats, beam=beam, max_len=max_len, length_norm=length_norm, mode=mode)
+        for j, i in enumerate(idxs):
+            n = int(dec.lengths[j])
+            words = vocab.decode(dec.tokens[j, :n].tolist())
+            results.append({
+                "index": i,
+                "image_id": source.records[i].image_id,
+                "caption": " ".join(words),
+                "words": words,
+                "score": float(dec.scores[j]),
+                "alphas": dec.alphas[j, :n].reshape(n, gh, gw).cpu().numpy(),  # (n, h, w)
+                "betas": dec.betas[j, :n].cpu().numpy(),
+                "locations": dec.locations[j, :n].cpu().numpy(),
+            })
+    return results
+
+
+def score_results(results: list[dict[str, Any]], records: list[ImageRecord],
+                  objects: dict[int, list[dict]] | None, meteor: bool = False) -> dict[str, float]:
+    """Caption metrics, grounding (when objects are known) and degeneracy diagnostics."""
+    from showattend import metrics as M
+
+    refs = {r.image_id: list(r.captions) for r in records if r.captions}
+    hyps = {res["image_id"]: res["caption"] for res in results if res["image_id"] in refs}
+    out: dict[str, float] = {}
+    if hyps:
+        out.update(M.caption_metrics(hyps, {k: refs[k] for k in hyps}, meteor=meteor))
+    if objects:
+        from PIL import Image
+
+        with Image.open(records[results[0]["index"]].path) as im:
+            size = (im.height, im.width)
+        keep = [r for r in results if r["image_id"] in objects]
+        out.update(M.grounding([r["words"] for r in keep], [r["alphas"] for r in keep],
+                               [objects[r["image_id"]] for r in keep], size))
+    out.update(M.diagnostics([r["caption"] for r in results], [r["alphas"] for r in results]))
+    out["images"] = float(len(results))
+    return out
+
+
+def _build_optimizer(model: Captioner, cfg: C.TrainConfig) -> torch.optim.Optimizer:
+    enc = [p for p in model.encoder.parameters() if p.requires_grad]
+    dec = [p for p in model.decoder.parameters() if p.requires_grad]
+    groups = [{"params": dec, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if enc:
+        elr = cfg.encoder_lr or cfg.lr
+        groups.append({"params": enc, "lr": elr, "base_lr": elr})
+    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, decays: int, factor: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(g["base_lr"], decays, factor)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    epochs: int = 0
+    interrupted: bool = False
+    train_seconds: float = 0.0
+
+
+def _jsonl_append(path: Path, rec: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return out
+
+
+def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
+        splits: Splits | None = None, evaluate_test: bool = True) -> RunResult:
+    """Train per ``cfg`` into cfg.out_dir; evaluate the best checkpoint on the test split."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = None
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise TrainingError(f"--resume: no checkpoint {out / 'last.pt'}")
+        ckpt = load_checkpoint(out / "last.pt")
+        saved = C.from_dict(C.Config, ckpt["config"])
+        if C.replace(saved, train={"epochs": cfg.train.epochs}) != cfg:
+            log.warning("resuming with the configuration saved in the checkpoint "
+                        "(only train.epochs may change on resume)")
+        cfg = C.replace(saved, train={"epochs": cfg.train.epochs})
+    device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        # Denormal floats appear in LSTM/attention gradients late in training and slow CPU
+        # arithmetic by an order of magnitude; flushing them to zero costs no accuracy here.
+        torch.set_flush_denormal(True)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.train.seed)
+    splits = splits or load_splits(cfg.data, progress=progress)
+    vocab = Vocab.build((c for r in splits.train for c in r.captions), cfg.data.min_word_freq)
+    if ckpt is not None:
+        saved_vocab = Vocab.from_dict(ckpt["vocab"])
+        if saved_vocab != vocab:
+            raise TrainingError(f"vocabulary mismatch: the data now gives {len(vocab)} words, the "
+                                f"checkpoint has {len(saved_vocab)}; the training data changed")
+        vocab = saved_vocab
+    model = Captioner.from_config(cfg, len(vocab)).to(device)
+    if cfg.attention.kind == "hard" and cfg.hard.warm_start and ckpt is None:
+        warm = load_checkpoint(cfg.hard.warm_start)
+        if Vocab.from_dict(warm["vocab"]) != vocab:
+            raise TrainingError(f"hard.warm_start {cfg.hard.warm_start}: vocabulary differs from "
+                                f"this data's")
+        try:
+            model.load_state_dict(warm["model"])
+        except RuntimeError as exc:
+            raise TrainingError(f"hard.warm_start: incompatible model "
+                                f"({str(exc).splitlines()[0]})") from None
+    preprocess = make_preprocess(cfg, model)
+    optimizer = _build_optimizer(model, cfg.train)
+    state = TrainState()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = TrainState(**ckpt["train_state"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    C_dict = C.to_dict(cfg)
+    atomic_write_text(out / "config.json", json.dumps(C_dict, indent=2) + "\n")
+    log_path = out / "metrics.jsonl"
+    if ckpt is not None:  # drop records of the run after its last checkpoint (a crash)
+        keep = [r for r in _read_jsonl(log_path) if r.get("step", 0) <= state.step
+                and r.get("epoch", 0) <= state.epoch]
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in keep))
+    elif log_path.exists():
+        log_path.unlink()
+
+    def log_fn(rec: dict[str, Any]) -> None:
+        _jsonl_append(log_path, rec)
+
+    def save_fn(name: str) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(out / name, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": C_dict, "vocab": vocab.to_dict(), "preprocess": preprocess.to_dict(),
+            "train_state": state.to_dict(), "rng": rng,
+        })
+
+    cache = cfg.data.cache_in_memory
+    train_src = ImageSource(splits.train, preprocess, cache, "train", progress)
+    val_recs = splits.val[: cfg.train.val_images] if cfg.train.val_images else splits.val
+    val_src = ImageSource(val_recs, preprocess, cache, "val", progress)
+    for name, src in (("train", train_src), ("val", val_src)):
+        if src.bad:
+            first = next(iter(src.bad.values()))
+            log.warning("skipped %d unreadable %s images (first: %s)", len(src.bad), name, first)
+    train_ds = CaptionDataset(train_src, vocab, cfg.data.max_len)
+    if len(train_ds) == 0:
+        raise TrainingError("no usable training captions (all images unreadable or captions empty)")
+    result = RunResult(out)
+    with _StopFlag() as stop:
+        while state.epoch < cfg.train.epochs:
+            _set_lr(optimizer, state.decays, cfg.train.lr_decay)
+            finished = train_one_epoch(model, optimizer, train_ds, cfg, state, device, log_fn, stop,
+                                       save_fn, progress)
+            if not finished:
+                result.interrupted = True
+                log.warning("interrupted by signal %s: saved %s", stop.signum, out / "last.pt")
+                break
+            val = score_results(
+                decode_records(model, val_src, vocab, device, beam=cfg.train.val_beam,
+                               max_len=cfg.eval.max_len, batch_size=cfg.eval.batch_size,
+                               progress=progress),
+                val_recs, splits.objects.get("val"), meteor=False)
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            metric = val.get(cfg.train.val_metric, 0.0)
+            improved = metric > state.best
+            if improved:
+                state.best, state.best_epoch, state.bad_epochs, state.since_decay = metric, state.epoch, 0, 0
+            else:
+                state.bad_epochs += 1
+                state.since_decay += 1
+                if state.since_decay >= cfg.train.lr_patience:
+                    state.decays += 1
+                    state.since_decay = 0
+            log_fn({"kind": "val", "epoch": state.epoch, "step": state.step,
+                    "lr": optimizer.param_groups[0]["lr"], "elapsed": round(state.elapsed, 2),
+                    **{f"val_{k}": v for k, v in val.items()}})
+            save_fn("last.pt")
+            if improved:
+                save_fn("best.pt")
+            _plot(log_path, out)
+            if progress:
+                tqdm.write(f"epoch {state.epoch}: val {cfg.train.val_metric} {metric:.4f} "
+                           f"(best {state.best:.4f} @ {state.best_epoch}), "
+                           f"grounding {val.get('grounding', float('nan')):.3f}, "
+                           f"{state.elapsed:.0f}s")
+            if cfg.train.early_stop and state.bad_epochs >= cfg.train.early_stop:
+                log.info("early stop: no improvement in %d epochs", state.bad_epochs)
+                break
+            if stop.signum is not None:
+                result.interrupted = True
+                break
+    result.epochs = state.epoch
+    result.train_seconds = state.elapsed
+    if state.bad_images:
+        log.warning("skipped %d unreadable images during training", state.bad_images)
+    if evaluate_test and not result.interrupted and (out / "best.pt").is_file():
+        result.test_metrics = evaluate_checkpoint(out / "best.pt", "test", out_dir=out,
+                                                  splits=splits, progress=progress)
+    return result
+
+
+def _plot(log_path: Path, out: Path) -> None:
+    from showattend.visualize import plot_curves
+
+    recs = _read_jsonl(log_path)
+    if recs:
+        try:
+            plot_curves(recs, out / "curves.png", None)
+        except Exception as exc:  # a plot must never kill a training run
+            log.warning("could not draw curves: %s", exc)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu"
+               ) -> tuple[Captioner, Vocab, Preprocessor, C.Config, dict[str, Any]]:
+    """Model, vocabulary, preprocessing and config from one checkpoint (they travel together)."""
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = C.from_dict(C.Config, ckpt["config"])
+        vocab = Vocab.from_dict(ckpt["vocab"])
+        preprocess = Preprocessor.from_dict(ckpt["preprocess"])
+        # weights come from the checkpoint: never try to download the backbone's
+        cfg_nw = C.replace(cfg, encoder={"weights": "none"})
+        model = Captioner.from_config(cfg_nw, len(vocab))
+        model.load_state_dict(ckpt["model"])
+    except (C.ConfigError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt['path']} does not match this showattend: "
+                              f"{str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    return model, vocab, preprocess, cfg, ckpt
+
+
+def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None = None,
+                        out_dir: str | Path | None = None, splits: Splits | None = None,
+                        device: str | None = None, meteor: bool | None = None,
+                        progress: bool = True, mode: str | None = None) -> dict[str, float]:
+    """Decode ``split`` with a checkpoint; write metrics and COCO-format results; return metrics."""
+    from showattend.metrics import write_coco_results
+
+    dev = resolve_device(device or "auto")
+    model, vocab, preprocess, cfg, _ = load_model(path, dev)
+    if mode:
+        model.test_mode = mode
+    splits = splits or load_splits(cfg.data, progress=progress)
+    records = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+    data_vocab = Vocab.build((c for r in splits.train for c in r.captions), cfg.data.min_word_freq)
+    if data_vocab != vocab:
+        log.warning("the training data's vocabulary differs from the checkpoint's: evaluating "
+                    "with the checkpoint's")
+    src = ImageSource(records, preprocess, cache=False, desc=split, progress=progress)
+    beam = beam or cfg.eval.beam
+    t0 = time.time()
+    results = decode_records(model, src, vocab, dev, beam=beam, max_len=cfg.eval.max_len,
+                             length_norm=cfg.eval.length_norm, batch_size=cfg.eval.batch_size,
+                             progress=progress)
+    dt = time.time() - t0
+    metrics = score_results(results, records, splits.objects.get(split),
+                            meteor=cfg.eval.meteor if meteor is None else meteor)
+    metrics.update(beam=float(beam), decode_images_per_s=len(results) / max(dt, 1e-9),
+                   skipped_images=float(len(src.bad)))
+    out = Path(out_dir) if out_dir else Path(path).parent
+    tag = f"{split}_beam{beam}" + (f"_{mode}" if mode else "")
+    write_coco_results(out / f"results_{tag}.json", {r["image_id"]: r["caption"] for r in results})
+    atomic_write_json(out / f"metrics_{tag}.json", metrics)
+    if split == "test":
+        atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+__all__ = ["fit", "train_one_epoch", "evaluate_checkpoint", "decode_records", "score_results",
+           "load_model", "resolve_device", "TrainingError"]

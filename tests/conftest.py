@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models and tiny generated datasets (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from showattend.models.captioner import Captioner
+from showattend.models.encoder import build_encoder
+
+
+def tiny_model(attention: str = "soft", score: str = "additive", vocab_size: int = 20,
+               window: int = 1, seed: int = 0, beta: str = "scalar", dropout: float = 0.0) -> Captioner:
+    """A ~30k-parameter captioner on 32×32 inputs with a 4×4 grid."""
+    torch.manual_seed(seed)
+    enc = build_encoder("shapes_cnn", grid=4, channels=16, coords=True)
+    return Captioner.build(enc, vocab_size, attention=attention, score=score, attn_dim=16,
+                           window=window, embed_dim=16, hidden_dim=32, dropout=dropout, beta=beta)
+
+
+def tiny_batch(b: int = 4, t: int = 7, vocab_size: int = 20, seed: int = 1):
+    """Images (B, 3, 32, 32) and captions <start> w… <end> <pad>… (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(b, 3, 32, 32, generator=g)
+    caps = torch.randint(4, vocab_size, (b, t), generator=g)
+    caps[:, 0] = 1
+    for i in range(b):  # different lengths, padded
+        end = t - 1 - (i % 3)
+        caps[i, end] = 2
+        caps[i, end + 1:] = 0
+    return imgs, caps
+
+
+@pytest.fixture
+def shapes_dir(tmp_path_factory):
+    """A small built-in dataset generated once per test session."""
+    from showattend.data.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, n_train=64, n_val=16, n_test=16, seed=3, progress=False)
+    return root
