@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install showattend with its test extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# torch/torchvision pinned to the releases these machines carry on local disk (CPU use is fine).
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+  .venv/bin/pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"

@@ -1,0 +1,168 @@
+"""The CLI end to end on a tiny run, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from showattend.cli import main
+
+TINY = """
+name = "tiny"
+out_dir = "{out}"
+[data]
+kind = "shapes"
+root = "{data}"
+n_train = 48
+n_val = 12
+n_test = 12
+seed = 5
+[encoder]
+channels = 16
+[attention]
+dim = 16
+kind = "{kind}"
+[decoder]
+embed_dim = 16
+hidden_dim = 32
+[train]
+epochs = 2
+batch_size = 16
+val_beam = 1
+log_every = 1
+[eval]
+beam = 2
+meteor = false
+batch_size = 8
+"""
+
+
+def write_config(tmp_path: Path, kind: str = "soft", data: Path | None = None) -> Path:
+    cfg = tmp_path / f"tiny_{kind}.toml"
+    cfg.write_text(TINY.format(out=tmp_path / f"run_{kind}", data=data or tmp_path / "data", kind=kind))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = write_config(tmp)
+    assert main(["-q", "train", "--config", str(cfg)]) == 0
+    return tmp, tmp / "run_soft"
+
+
+def test_train_writes_run_directory(trained):
+    _, run = trained
+    for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "metrics.json", "curves.png"):
+        assert (run / name).is_file(), name
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs if r["kind"] == "val"] == [1, 2]
+    assert any(r["kind"] == "train" and np.isfinite(r["loss"]) for r in recs)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("BLEU-4", "CIDEr", "ROUGE-L", "grounding", "grounding_strict", "distinct_captions",
+                "attention_entropy", "attention_change"):
+        assert key in metrics
+    results = json.loads((run / "results_test_beam2.json").read_text())
+    assert len(results) == 12 and {"image_id", "caption"} <= set(results[0])
+
+
+def test_resume_continues_to_more_epochs(trained, tmp_path):
+    tmp, run = trained
+    cfg = write_config(tmp)
+    assert main(["-q", "train", "--config", str(cfg), "--resume", "--train.epochs=3"]) == 0
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs if r["kind"] == "val"] == [1, 2, 3]
+
+
+def test_caption_json_and_overlays(trained, tmp_path, capsys):
+    tmp, run = trained
+    imgs = sorted((tmp / "data" / "images" / "test").glob("*.png"))[:3]
+    code = main(["-q", "caption", *map(str, imgs), "--checkpoint", str(run / "best.pt"), "--json",
+                 "--beam", "2", "--overlay-dir", str(tmp_path / "ov")])
+    assert code == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in recs] == [str(p) for p in imgs]
+    for r in recs:
+        assert set(r) >= {"image", "caption", "words", "score", "attention", "beta"}
+        assert len(r["attention"]) == len(r["words"]) == len(r["beta"])
+        for m in r["attention"]:
+            assert np.array(m).shape == (8, 8)
+            assert abs(np.array(m).sum() - 1) < 1e-3
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 3
+
+
+def test_caption_folder_reports_bad_files(trained, tmp_path, capsys):
+    _, run = trained
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 70, 3), 120, np.uint8)).save(folder / "good.jpg")
+    (folder / "broken.jpg").write_bytes(b"not an image at all")
+    (folder / "empty.png").write_bytes(b"")
+    code = main(["-q", "caption", str(folder), "--checkpoint", str(run)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "good.jpg" in out
+    assert "broken.jpg" in err and "empty.png" in err
+    assert "2 of 3 images failed" in err
+    assert "Traceback" not in err
+
+
+def test_evaluate_checkpoint_and_results_file(trained, tmp_path, capsys):
+    tmp, run = trained
+    assert main(["-q", "evaluate", "--checkpoint", str(run / "best.pt"), "--split", "test",
+                 "--beam", "1", "--no-meteor", "--out", str(tmp_path)]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["beam"] == 1 and 0 <= m["BLEU-4"] <= 1
+    res = tmp_path / "results_test_beam1.json"
+    assert main(["-q", "evaluate", "--results", str(res), "--annotations",
+                 str(tmp / "data" / "captions_test.json"), "--no-meteor"]) == 0
+    m2 = json.loads(capsys.readouterr().out)
+    assert m2["BLEU-4"] == pytest.approx(m["BLEU-4"], abs=1e-4)
+    assert m2["CIDEr"] == pytest.approx(m["CIDEr"], abs=1e-4)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--config", "nope.toml"], "config file not found"),
+    (["caption", "x.jpg", "--checkpoint", "missing.pt"], "checkpoint not found"),
+    (["evaluate", "--results", "r.json"], "--results and --annotations go together"),
+])
+def test_user_errors_are_one_line_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and err[0].startswith("showattend: error:")
+
+
+def test_unknown_config_key_and_bad_value(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert main(["train", "--config", str(cfg), "--train.lrr=0.1"]) == 2
+    assert "unknown config key train.lrr" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--train.lr=abc"]) == 2
+    assert "train.lr: expected float" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--attention.kind=medium"]) == 2
+    assert "attention.kind" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = write_config(tmp_path)
+    assert main(["train", "--config", str(cfg), "--train.device=cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_console_script_help_and_bad_flag():
+    exe = Path(sys.executable).with_name("showattend")
+    for sub in ("demo", "train", "evaluate", "caption"):
+        r = subprocess.run([str(exe), sub, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: showattend" in r.stdout
+    r = subprocess.run([str(exe), "caption", "a.jpg", "--checkpoint", "c.pt", "--beam", "zero"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
