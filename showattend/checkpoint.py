@@ -8,6 +8,7 @@ with ``torch.load(weights_only=True)``, so a file that would execute code is ref
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -41,19 +42,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CheckpointError(f"no best.pt or last.pt in directory {p}")
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
+    _verify_archive(p)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc)
+        blocked = re.search(r"unsupported GLOBAL (\S+)", text, re.IGNORECASE)
+        if blocked or "Unsupported global" in text:
+            what = f" ({blocked.group(1)})" if blocked else ""
             raise CheckpointError(
                 f"refusing to load {p}: it contains Python objects that would run code when "
-                f"unpickled (weights_only=True); only showattend checkpoints are accepted"
+                f"unpickled{what}; only showattend checkpoints (loaded with weights_only=True) "
+                f"are accepted"
             ) from None
-        raise CheckpointError(f"corrupt checkpoint {p}: {first}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"corrupt or truncated checkpoint {p}: {msg}") from None
+        if _is_plain_pickle(p):
+            raise CheckpointError(
+                f"refusing to load {p}: it is a plain Python pickle, which could run code when "
+                f"unpickled; only showattend checkpoints (loaded with weights_only=True) are "
+                f"accepted"
+            ) from None
+        raise CheckpointError(f"{p} is not a showattend checkpoint (corrupt, or another kind "
+                              f"of file)") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways inside torch
+        raise CheckpointError(f"corrupt or truncated checkpoint {p}: {_first_line(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a showattend checkpoint")
     version = ckpt.get("format_version")
@@ -67,3 +78,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CheckpointError(f"checkpoint {p} lacks '{key}'")
     ckpt["path"] = str(p)
     return ckpt
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_plain_pickle(p: Path) -> bool:
+    # Pickle protocol 2+ streams start with the PROTO opcode; torch's own format is a zip archive.
+    with open(p, "rb") as fh:
+        return fh.read(1) == b"\x80"
+
+
+def _verify_archive(p: Path) -> None:
+    """Check the CRC-32 of every member of a (zip-format) checkpoint before unpickling it.
+
+    ``torch.load`` does not verify the archive's checksums, so flipped bytes inside tensor data
+    load silently as wrong weights and flipped bytes elsewhere raise arbitrary errors; reading
+    the archive once through :mod:`zipfile` turns both into one clear error.
+    """
+    try:
+        if not zipfile.is_zipfile(p):
+            with open(p, "rb") as fh:
+                if fh.read(4) == b"PK\x03\x04":  # a zip archive whose end is missing
+                    raise zipfile.BadZipFile("the archive's directory is missing")
+            return  # legacy or foreign format: torch.load(weights_only=True) decides
+        with zipfile.ZipFile(p) as zf:
+            bad = zf.testzip()
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError, UnicodeDecodeError...
+        raise CheckpointError(f"corrupt or truncated checkpoint {p}: {_first_line(exc)}") from None
+    if bad is not None:
+        raise CheckpointError(f"corrupt checkpoint {p}: checksum mismatch in {bad}")

@@ -35,6 +35,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             IsADirectoryError, NotADirectoryError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error format: one line on stderr, exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        # argparse would print the (multi-line) usage first; one line is easier to read and grep.
+        self.exit(EXIT_USAGE, f"showattend: error: {message} (see '{self.prog} --help')\n")
+
+
 def _repo_config(name: str) -> Path:
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
     if not path.is_file():
@@ -163,7 +171,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="showattend", description="Show, Attend and Tell captioning "
+    p = _Parser(prog="showattend", description="Show, Attend and Tell captioning "
                                 "with soft and hard attention.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -7,6 +7,7 @@ values are type-checked against the dataclass field types so ``--train.lr=abc`` 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -101,7 +102,7 @@ class TrainConfig:
     lr: float = 2e-3
     encoder_lr: float = 0.0  # 0 = same as lr (only for trainable encoder parameters)
     weight_decay: float = 0.0
-    grad_clip: float = 5.0
+    grad_clip: float = 5.0  # max gradient norm (0 = no clipping)
     alpha_c: float = 1.0  # λ of the doubly stochastic penalty
     lr_decay: float = 0.5  # factor on plateau of the validation metric
     lr_patience: int = 2  # epochs without improvement before decaying
@@ -249,17 +250,37 @@ def validate(cfg: Config) -> None:
                 ("encoder", "image_size"), ("decoder", "hidden_dim"), ("decoder", "embed_dim"),
                 ("attention", "dim"), ("eval", "beam"), ("eval", "max_len"), ("data", "max_len"),
                 ("hard", "n_samples"), ("attention", "mc_samples"), ("train", "val_beam")]
+    # Zero here would crash deep inside a run (modulo by zero, an empty DataLoader batch, a
+    # zero-width convolution) instead of failing at load time with the key's name.
+    positive += [("train", "log_every"), ("eval", "batch_size"), ("encoder", "channels")]
     for section, key in positive:
         if getattr(getattr(cfg, section), key) <= 0:
             raise ConfigError(f"{section}.{key} must be > 0")
+    # Negative counts are rejected by the data generator / DataLoader / optimiser with a traceback,
+    # or silently slice records away (max_images = -2 drops the last two images of every split).
+    non_negative = [("data", "n_train"), ("data", "n_val"), ("data", "n_test"), ("data", "seed"),
+                    ("data", "max_images"), ("data", "num_workers"), ("train", "val_images"),
+                    ("train", "weight_decay"), ("train", "encoder_lr"), ("train", "grad_clip"),
+                    ("train", "early_stop"), ("encoder", "fine_tune_blocks")]
+    for section, key in non_negative:
+        if getattr(getattr(cfg, section), key) < 0:
+            raise ConfigError(f"{section}.{key} must be >= 0")
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            if isinstance(value, float) and math.isnan(value):
+                raise ConfigError(f"{section.name}.{f.name} is NaN")
     if cfg.attention.window % 2 != 1:
         raise ConfigError("attention.window must be odd (the crop is centred on the sampled cell)")
     if not 0.0 <= cfg.decoder.dropout < 1.0:
         raise ConfigError("decoder.dropout must be in [0, 1)")
     if not 0.0 <= cfg.hard.mix_prob <= 1.0:
         raise ConfigError("hard.mix_prob must be in [0, 1]")
-    if cfg.train.lr <= 0:
-        raise ConfigError("train.lr must be > 0")
+    if not 0 < cfg.train.lr < math.inf:
+        raise ConfigError("train.lr must be a finite number > 0")
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:

@@ -48,9 +48,21 @@ def resolve_device(name: str) -> torch.device:
         raise TrainingError(f"device '{name}' was requested but no CUDA GPU is available "
                             f"(use --train.device=cpu)")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
         raise TrainingError(f"unknown device '{name}'") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TrainingError(f"device '{name}' was requested but only "
+                            f"{torch.cuda.device_count()} CUDA GPU(s) are visible")
+    if dev.type not in ("cpu", "cuda"):
+        # mps/xpu/...: torch.device() accepts the name even when this build or machine cannot
+        # use it, and the first tensor moved there fails with a traceback deep in the model.
+        try:
+            torch.empty(0, device=dev)
+        except Exception:  # noqa: BLE001 - RuntimeError/AssertionError depending on the backend
+            raise TrainingError(f"device '{name}' was requested but is not available here "
+                                f"(use --train.device=cpu)") from None
+    return dev
 
 
 def make_preprocess(cfg: C.Config, model: Captioner) -> Preprocessor:
@@ -193,6 +205,19 @@ def score_function_grad_variance(model: Captioner, hl, out, targets, h: C.HardCo
     return float(G.var(0).sum())
 
 
+def _non_finite(cfg: C.Config, state: TrainState, what: str) -> None:
+    """Apply train.nan_policy to a non-finite loss or gradient: raise ("stop") or count ("skip")."""
+    if cfg.train.nan_policy == "stop":
+        raise TrainingError(
+            f"non-finite {what} at epoch {state.epoch + 1}, step {state.step}; stopped without "
+            f"saving — the last good checkpoint is intact (try a lower train.lr or "
+            f"train.nan_policy=skip)")
+    state.skipped_steps += 1
+    if state.skipped_steps <= 5 or state.skipped_steps % 100 == 0:  # report, but do not flood
+        log.warning("skipped a batch after step %d of epoch %d: non-finite %s (%d skipped so "
+                    "far)", state.step, state.epoch + 1, what, state.skipped_steps)
+
+
 def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset: CaptionDataset,
                     cfg: C.Config, state: TrainState, device: torch.device, log_fn, stop: _StopFlag,
                     save_fn, progress: bool = True) -> bool:
@@ -204,9 +229,17 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
     start = state.batch_in_epoch
     bar = tqdm(total=len(batches), initial=start, desc=f"epoch {state.epoch + 1}",
                disable=not progress, leave=False)
+    # The batch list is fixed up front, so worker processes change speed, never the order.
+    loader = DataLoader(dataset, batch_sampler=batches[start:], collate_fn=collate_captions,
+                        num_workers=cfg.data.num_workers,
+                        pin_memory=device.type == "cuda",
+                        # Its own generator: iterating a DataLoader draws a worker base seed, and
+                        # from the global RNG that draw would shift the dropout/sampling stream of
+                        # a run resumed mid-epoch (the saved RNG state is after the first draw).
+                        generator=torch.Generator().manual_seed(
+                            cfg.train.seed * 100_003 + state.epoch))
     t0 = time.time()
-    for bi in range(start, len(batches)):
-        imgs, caps, _, n_bad = collate_captions([dataset[i] for i in batches[bi]])
+    for bi, (imgs, caps, _, n_bad) in enumerate(loader, start):
         state.bad_images += n_bad
         if imgs is None:
             state.batch_in_epoch = bi + 1
@@ -214,20 +247,25 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
         imgs, caps = imgs.to(device, non_blocking=True), caps.to(device, non_blocking=True)
         want_stats = model.attention_kind == "hard" and state.step % cfg.train.log_every == 0
         loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats)
-        if not math.isfinite(float(loss)):
-            if cfg.train.nan_policy == "stop":
-                raise TrainingError(
-                    f"non-finite loss ({float(loss)}) at epoch {state.epoch + 1}, step {state.step}; "
-                    f"stopped without saving — the last good checkpoint is intact "
-                    f"(try a lower train.lr or train.nan_policy=skip)")
-            state.skipped_steps += 1
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            _non_finite(cfg, state, f"loss ({loss_value})")
             optimizer.zero_grad(set_to_none=True)
             state.batch_in_epoch = bi + 1
             continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # grad_clip = 0 means no clipping (a max norm of 0 would zero every gradient)
         gnorm = torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], cfg.train.grad_clip)
+            [p for g in optimizer.param_groups for p in g["params"]],
+            cfg.train.grad_clip or math.inf)
+        if not math.isfinite(float(gnorm)):
+            # A finite loss can still have inf/NaN gradients; one step with them would write
+            # NaN into every weight (and into the next checkpoint).
+            _non_finite(cfg, state, f"gradient norm ({float(gnorm)})")
+            optimizer.zero_grad(set_to_none=True)
+            state.batch_in_epoch = bi + 1
+            continue
         optimizer.step()
         state.step += 1
         state.batch_in_epoch = bi + 1
@@ -347,6 +385,8 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
     """Train per ``cfg`` into cfg.out_dir; evaluate the best checkpoint on the test split."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # temp files of atomic writes cut short by a crash
+        stale.unlink(missing_ok=True)
     ckpt = None
     if resume:
         if not (out / "last.pt").is_file():
@@ -390,12 +430,17 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
     optimizer = _build_optimizer(model, cfg.train)
     state = TrainState()
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = TrainState(**ckpt["train_state"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            state = TrainState(**ckpt["train_state"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            # e.g. an exported/edited checkpoint without optimizer state, or mismatched shapes
+            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"cannot resume from {ckpt['path']}: {what}") from None
     C_dict = C.to_dict(cfg)
     atomic_write_text(out / "config.json", json.dumps(C_dict, indent=2) + "\n")
     log_path = out / "metrics.jsonl"
@@ -420,19 +465,27 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
         })
 
     cache = cfg.data.cache_in_memory
-    train_src = ImageSource(splits.train, preprocess, cache, "train", progress)
+    on_bad = cfg.data.on_bad_image
+    train_src = ImageSource(splits.train, preprocess, cache, "train", progress, on_bad=on_bad)
     val_recs = splits.val[: cfg.train.val_images] if cfg.train.val_images else splits.val
-    val_src = ImageSource(val_recs, preprocess, cache, "val", progress)
+    val_src = ImageSource(val_recs, preprocess, cache, "val", progress, on_bad=on_bad)
     for name, src in (("train", train_src), ("val", val_src)):
         if src.bad:
             first = next(iter(src.bad.values()))
             log.warning("skipped %d unreadable %s images (first: %s)", len(src.bad), name, first)
     train_ds = CaptionDataset(train_src, vocab, cfg.data.max_len)
+    for reason, n in train_ds.skipped.items():
+        log.warning("skipped %d training captions with %s (first: %s)", n, reason,
+                    train_ds.first_skipped[reason])
     if len(train_ds) == 0:
-        raise TrainingError("no usable training captions (all images unreadable or captions empty)")
+        raise TrainingError("no usable training captions (all images unreadable, or captions "
+                            "empty or without a word in the vocabulary)")
     result = RunResult(out)
     with _StopFlag() as stop:
-        while state.epoch < cfg.train.epochs:
+        # the early-stop test is repeated here so that resuming a run that stopped early (and
+        # was then killed during its test evaluation) does not train on
+        while state.epoch < cfg.train.epochs and not (
+                cfg.train.early_stop and state.bad_epochs >= cfg.train.early_stop):
             _set_lr(optimizer, state.decays, cfg.train.lr_decay)
             finished = train_one_epoch(model, optimizer, train_ds, cfg, state, device, log_fn, stop,
                                        save_fn, progress)
@@ -460,9 +513,11 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
             log_fn({"kind": "val", "epoch": state.epoch, "step": state.step,
                     "lr": optimizer.param_groups[0]["lr"], "elapsed": round(state.elapsed, 2),
                     **{f"val_{k}": v for k, v in val.items()}})
-            save_fn("last.pt")
+            # best.pt first: a crash between the two saves then re-runs this epoch on resume and
+            # rewrites both, whereas the other order would leave a stale best.pt for good.
             if improved:
                 save_fn("best.pt")
+            save_fn("last.pt")
             _plot(log_path, out)
             if progress:
                 tqdm.write(f"epoch {state.epoch}: val {cfg.train.val_metric} {metric:.4f} "
@@ -485,13 +540,21 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
     return result
 
 
+_CURVE_KEYS = ("loss", "ce", "ds", "grad_norm", "lr", "reward", "baseline", "adv_std", "entropy",
+               "sf_grad_var", "val_BLEU-4", "val_CIDEr", "val_grounding", "val_grounding_strict",
+               "val_distinct_captions", "val_attention_entropy", "val_attention_change")
+
+
 def _plot(log_path: Path, out: Path) -> None:
     from showattend.visualize import plot_curves
 
-    recs = _read_jsonl(log_path)
-    if recs:
+    # training records against step, validation records against epoch
+    recs = [{k: v for k, v in r.items() if k != "epoch"} if r.get("kind") == "train" else r
+            for r in _read_jsonl(log_path)]
+    keys = [k for k in _CURVE_KEYS if any(k in r for r in recs)]
+    if recs and keys:
         try:
-            plot_curves(recs, out / "curves.png", None)
+            plot_curves(recs, out / "curves.png", keys)
         except Exception as exc:  # a plot must never kill a training run
             log.warning("could not draw curves: %s", exc)
 

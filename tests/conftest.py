@@ -39,3 +39,52 @@ def shapes_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     generate_shapes(root, n_train=64, n_val=16, n_test=16, seed=3, progress=False)
     return root
+
+
+TINY = """
+name = "tiny"
+out_dir = "{out}"
+[data]
+kind = "shapes"
+root = "{data}"
+n_train = 48
+n_val = 12
+n_test = 12
+seed = 5
+[encoder]
+channels = 16
+[attention]
+dim = 16
+kind = "{kind}"
+[decoder]
+embed_dim = 16
+hidden_dim = 32
+[train]
+epochs = 2
+batch_size = 16
+val_beam = 1
+log_every = 1
+[eval]
+beam = 2
+meteor = false
+batch_size = 8
+"""
+
+
+def write_config(tmp_path, kind: str = "soft", data=None):
+    """A tiny TOML run config (48 training images, 2 epochs) in tmp_path."""
+    cfg = tmp_path / f"tiny_{kind}.toml"
+    cfg.write_text(TINY.format(out=tmp_path / f"run_{kind}", data=data or tmp_path / "data",
+                               kind=kind))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(tmp dir, run dir) of a tiny soft model trained once through the CLI."""
+    from showattend.cli import main
+
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = write_config(tmp)
+    assert main(["-q", "train", "--config", str(cfg)]) == 0
+    return tmp, tmp / "run_soft"

@@ -13,48 +13,7 @@ from PIL import Image
 
 from showattend.cli import main
 
-TINY = """
-name = "tiny"
-out_dir = "{out}"
-[data]
-kind = "shapes"
-root = "{data}"
-n_train = 48
-n_val = 12
-n_test = 12
-seed = 5
-[encoder]
-channels = 16
-[attention]
-dim = 16
-kind = "{kind}"
-[decoder]
-embed_dim = 16
-hidden_dim = 32
-[train]
-epochs = 2
-batch_size = 16
-val_beam = 1
-log_every = 1
-[eval]
-beam = 2
-meteor = false
-batch_size = 8
-"""
-
-
-def write_config(tmp_path: Path, kind: str = "soft", data: Path | None = None) -> Path:
-    cfg = tmp_path / f"tiny_{kind}.toml"
-    cfg.write_text(TINY.format(out=tmp_path / f"run_{kind}", data=data or tmp_path / "data", kind=kind))
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli")
-    cfg = write_config(tmp)
-    assert main(["-q", "train", "--config", str(cfg)]) == 0
-    return tmp, tmp / "run_soft"
+from conftest import write_config
 
 
 def test_train_writes_run_directory(trained):

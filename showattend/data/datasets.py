@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from showattend.data.coco import ImageRecord
 from showattend.data.images import ImageLoadError, Preprocessor
-from showattend.vocab import PAD_ID, Vocab
+from showattend.vocab import PAD_ID, UNK_ID, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +20,17 @@ log = logging.getLogger(__name__)
 class ImageSource:
     """Preprocessed image tensors by record index: in-memory cache or load on demand.
 
-    Bad images are skipped and counted (``bad``: index → reason), never crash an epoch.
+    Bad images are skipped and counted (``bad``: index → reason), never crash an epoch — unless
+    ``on_bad="error"`` (config data.on_bad_image), which raises the first ImageLoadError instead.
     """
 
     def __init__(self, records: list[ImageRecord], preprocess: Preprocessor, cache: bool,
-                 desc: str = "images", progress: bool = True):
+                 desc: str = "images", progress: bool = True, on_bad: str = "skip"):
+        if on_bad not in ("skip", "error"):
+            raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
         self.records = records
         self.preprocess = preprocess
+        self.on_bad = on_bad
         self.bad: dict[int, str] = {}
         self.cache: list[torch.Tensor | None] | None = None
         if cache:
@@ -39,6 +43,9 @@ class ImageSource:
         try:
             return self.preprocess(rec.path)
         except ImageLoadError as exc:
+            if self.on_bad == "error":
+                raise ImageLoadError(f"{exc} (image_id {rec.image_id}; data.on_bad_image = "
+                                     f"'error', use 'skip' to leave such images out)") from None
             self.bad[i] = str(exc)
             return None
 
@@ -49,18 +56,29 @@ class ImageSource:
 
 
 class CaptionDataset(Dataset):
-    """Training items: one per (image, caption) → (image (3,H,W), ids (n+2,), image_id)."""
+    """Training items: one per (image, caption) → (image (3,H,W), ids (n+2,), image_id).
+
+    Captions that teach nothing — no word at all ("!!!") or only words outside the vocabulary —
+    are left out and counted in ``skipped`` (reason → count, first example in ``first_skipped``).
+    """
 
     def __init__(self, source: ImageSource, vocab: Vocab, max_len: int):
         self.source = source
         self.items: list[tuple[int, list[int]]] = []
+        self.skipped: dict[str, int] = {}
+        self.first_skipped: dict[str, str] = {}
         for i, rec in enumerate(source.records):
             if i in source.bad:
                 continue
             for cap in rec.captions:
                 ids = vocab.encode(cap, max_len)
-                if len(ids) > 2:  # a caption with no word teaches nothing
+                words = ids[1:-1]
+                if words and any(w != UNK_ID for w in words):
                     self.items.append((i, ids))
+                    continue
+                reason = "only unknown words" if words else "no words"
+                self.skipped[reason] = self.skipped.get(reason, 0) + 1
+                self.first_skipped.setdefault(reason, f"image_id {rec.image_id}: {cap!r}")
 
     def __len__(self) -> int:
         return len(self.items)
