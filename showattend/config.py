@@ -295,3 +295,21 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 
 _ = types  # keep the import for typing.get_type_hints on postponed annotations
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (loadable with :func:`load_config`)."""
+    d = to_dict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for section, values in d.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]", *(f"{k} = {_toml_value(v)}" for k, v in values.items())]
+    return "\n".join(lines) + "\n"
