@@ -106,7 +106,7 @@ def _verify_archive(p: Path) -> None:
             return  # legacy or foreign format: torch.load(weights_only=True) decides
         with zipfile.ZipFile(p) as zf:
             bad = zf.testzip()
-    except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError, UnicodeDecodeError...
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError, UnicodeError...
         raise CheckpointError(f"corrupt or truncated checkpoint {p}: {_first_line(exc)}") from None
     if bad is not None:
         raise CheckpointError(f"corrupt checkpoint {p}: checksum mismatch in {bad}")

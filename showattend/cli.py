@@ -241,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - map known user errors to one line
         if args.verbose or not isinstance(exc, errors):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        msg = lines[0] if lines else type(exc).__name__
+        if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
+            # torch re-raises a DataLoader worker's exception with the worker's traceback as its
+            # message; the useful line (naming the file) is the last one, "module.Error: text".
+            msg = lines[-1].split(": ", 1)[-1]
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
                             NotADirectoryError)) and exc.filename:
             msg = f"{exc.strerror}: {exc.filename}"

@@ -245,7 +245,9 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
             state.batch_in_epoch = bi + 1
             continue
         imgs, caps = imgs.to(device, non_blocking=True), caps.to(device, non_blocking=True)
-        want_stats = model.attention_kind == "hard" and state.step % cfg.train.log_every == 0
+        # stats are computed on the step that will be logged (after the increment below)
+        want_stats = (model.attention_kind == "hard"
+                      and (state.step + 1) % cfg.train.log_every == 0)
         loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
@@ -382,7 +384,24 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
         splits: Splits | None = None, evaluate_test: bool = True) -> RunResult:
-    """Train per ``cfg`` into cfg.out_dir; evaluate the best checkpoint on the test split."""
+    """Train per ``cfg`` into cfg.out_dir; evaluate the best checkpoint on the test split.
+
+    The process-wide torch settings a run changes (threads, deterministic algorithms, flushing
+    denormals) are restored on return, so calling ``fit`` from a notebook, an API user's program
+    or a test session leaves the caller's numerics as they were.
+    """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    flush_denormal = float(torch.tensor([1e-40]) * 1.0) == 0.0  # torch has no getter for this
+    try:
+        return _fit(cfg, resume, progress, splits, evaluate_test)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_flush_denormal(flush_denormal)
+
+
+def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
+         evaluate_test: bool) -> RunResult:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # temp files of atomic writes cut short by a crash
@@ -439,10 +458,12 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             # e.g. an exported/edited checkpoint without optimizer state, or mismatched shapes
-            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).strip().splitlines()[0]
+            what = (f"missing {exc}" if isinstance(exc, KeyError)
+                    else str(exc).strip().splitlines()[0])
             raise CheckpointError(f"cannot resume from {ckpt['path']}: {what}") from None
     C_dict = C.to_dict(cfg)
     atomic_write_text(out / "config.json", json.dumps(C_dict, indent=2) + "\n")
+    atomic_write_text(out / "config.toml", C.to_toml(cfg))  # `train --config` this to rerun
     log_path = out / "metrics.jsonl"
     if ckpt is not None:  # drop records of the run after its last checkpoint (a crash)
         keep = [r for r in _read_jsonl(log_path) if r.get("step", 0) <= state.step

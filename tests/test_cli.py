@@ -125,3 +125,34 @@ def test_console_script_help_and_bad_flag():
     r = subprocess.run([str(exe), "caption", "a.jpg", "--checkpoint", "c.pt", "--beam", "zero"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+TINY_DEMO = ["data.n_train=48", "data.n_val=12", "data.n_test=12", "encoder.channels=16",
+             "attention.dim=16", "decoder.embed_dim=16", "decoder.hidden_dim=32",
+             "train.log_every=1", "eval.meteor=false", "train.batch_size=16"]
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_demo_end_to_end_tiny(tmp_path, capsys, attention):
+    out = tmp_path / "demo"
+    code = main(["-q", "demo", "--out", str(out), "--attention", attention, "--epochs", "1",
+                 "--overlays", "2", *TINY_DEMO])
+    assert code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"demo ({attention} attention): test BLEU-4 ")
+    for key in ("CIDEr", "grounding", "held-out images"):
+        assert key in line
+    for name in ("best.pt", "last.pt", "metrics.json", "metrics.jsonl", "curves.png",
+                 "config.toml", "data/captions_train.json", "data/objects_test.json"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    if attention == "hard":
+        # REINFORCE diagnostics are logged: reward, baseline, advantage spread, entropy, and the
+        # variance of the score-function gradient (on steps that sampled locations)
+        for key in ("reward", "baseline", "adv_std", "entropy"):
+            assert any(key in r for r in train), key
+        sampled = [r for r in train if r.get("soft_batch") == 0.0]
+        assert sampled and all("sf_grad_var" in r for r in sampled)
+        assert all(np.isfinite(r["sf_grad_var"]) for r in sampled)

@@ -39,9 +39,9 @@ import showattend.training as T
 from showattend import config as C
 from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from showattend.cli import main
+from showattend.data.coco import ImageRecord
 from showattend.data.datasets import CaptionDataset, ImageSource
 from showattend.data.images import ImageLoadError
-from showattend.data.coco import ImageRecord
 from showattend.io import atomic_torch_save, atomic_write_bytes
 from showattend.models.captioner import Captioner
 from showattend.vocab import Vocab
@@ -155,7 +155,8 @@ def assert_same_training_state(a: Path, b: Path) -> None:
     assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
 
 
-def make_checkpoint(path: Path, tmp: Path, data: Path, captions=("a red circle above a blue square",),
+def make_checkpoint(path: Path, tmp: Path, data: Path,
+                    captions=("a red circle above a blue square",),
                     **payload_overrides) -> Path:
     """A valid, untrained checkpoint in the training format (no training needed)."""
     cfg = tiny_cfg(tmp, data, out="ckpt_cfg")
@@ -206,26 +207,24 @@ def _noise(w: int = 48, h: int = 40, seed: int = 0) -> Image.Image:
 def make_image_folder(folder: Path) -> tuple[list[Path], dict[Path, str]]:
     """Every awkward kind of file from the issue: (good paths, bad path → expected reason)."""
     folder.mkdir()
-    good: list[Path] = []
-
-    def keep(p: Path) -> None:
-        good.append(p)
-
-    _noise().save(folder / "plain.jpg"); keep(folder / "plain.jpg")
-    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "dot.png"); keep(folder / "dot.png")
     deep = np.linspace(0, 65535, 32 * 24).reshape(24, 32).astype(np.uint16)
-    Image.fromarray(deep).save(folder / "deep16.png"); keep(folder / "deep16.png")
-    assert Image.open(folder / "deep16.png").mode.startswith("I")
-    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(folder / "cmyk.jpg"); keep(folder / "cmyk.jpg")
     frames = [Image.new("P", (20, 20), i) for i in (10, 200)]
-    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
-    keep(folder / "anim.gif")
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° on display
-    _noise(60, 30).save(folder / "rotated.jpg", exif=exif); keep(folder / "rotated.jpg")
+    exif[0x0112] = 6  # EXIF orientation: rotate 90° on display
     nested = folder / "album.jpg"  # a directory with an image extension: walked, not read
     nested.mkdir()
-    _noise(seed=1).save(nested / "inner.png"); keep(nested / "inner.png")
+    writers = {
+        "plain.jpg": lambda p: _noise().save(p),
+        "dot.png": lambda p: Image.new("RGB", (1, 1), (200, 10, 10)).save(p),
+        "deep16.png": lambda p: Image.fromarray(deep).save(p),  # 16-bit greyscale PNG
+        "cmyk.jpg": lambda p: Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(p),
+        "anim.gif": lambda p: frames[0].save(p, save_all=True, append_images=frames[1:]),
+        "rotated.jpg": lambda p: _noise(60, 30).save(p, exif=exif),
+        "album.jpg/inner.png": lambda p: _noise(seed=1).save(p),
+    }
+    for name, write in writers.items():
+        write(folder / name)
+    assert Image.open(folder / "deep16.png").mode.startswith("I")
     (folder / "readme.txt").write_text("not an image, and not an image extension: ignored")
 
     bad: dict[Path, str] = {}
@@ -234,11 +233,13 @@ def make_image_folder(folder: Path) -> tuple[list[Path], dict[Path, str]]:
         _noise(seed=2).save(b, format=fmt)
         (folder / name).write_bytes(b.getvalue()[: len(b.getvalue()) // 2])
         bad[folder / name] = "cannot read image"
-    (folder / "notes.jpg").write_text("hello, I am text\n"); bad[folder / "notes.jpg"] = "cannot identify"
-    (folder / "empty.png").write_bytes(b""); bad[folder / "empty.png"] = "empty file"
+    (folder / "notes.jpg").write_text("hello, I am text\n")
+    bad[folder / "notes.jpg"] = "cannot identify"
+    (folder / "empty.png").write_bytes(b"")
+    bad[folder / "empty.png"] = "empty file"
     (folder / "bomb.png").write_bytes(_bomb_png(200_000, 200_000))
     bad[folder / "bomb.png"] = "decompression bomb"
-    return sorted(good), bad
+    return sorted(folder / name for name in writers), bad
 
 
 def test_caption_folder_captions_good_reports_bad(checkpoint, tmp_path, capsys):
@@ -294,7 +295,7 @@ def _damage_train_images(data: Path) -> list[Path]:
     return imgs[1:5]
 
 
-@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "on-demand"])
 def test_training_skips_and_counts_bad_images(quiet, shapes_data, tmp_path, caplog, cache):
     """Bad training images are skipped and counted; every epoch runs to its end."""
     data = copy_data(shapes_data, tmp_path / "data")
@@ -316,14 +317,20 @@ def test_training_skips_and_counts_bad_images(quiet, shapes_data, tmp_path, capl
         assert "skipped 8 unreadable images during training" in caplog.text
 
 
-def test_on_bad_image_error_names_the_file(quiet, shapes_data, tmp_path, capsys):
+@pytest.mark.parametrize("loading", [
+    ["--data.cache_in_memory=true"],
+    # found inside a DataLoader worker, whose error torch re-raises with a traceback as message
+    ["--data.cache_in_memory=false", "--data.num_workers=1"],
+], ids=["cached", "worker"])
+def test_on_bad_image_error_names_the_file(quiet, shapes_data, tmp_path, capsys, loading):
     """data.on_bad_image = "error": the first bad image stops the run with its path and id."""
     data = copy_data(shapes_data, tmp_path / "data")
     damaged = _damage_train_images(data)
     cfg = write_config(tmp_path / "c.toml", tmp_path / "run", data)
-    assert main(["-q", "train", "--config", str(cfg), "--data.on_bad_image=error"]) == 2
+    assert main(["-q", "train", "--config", str(cfg), "--data.on_bad_image=error", *loading]) == 2
     line = one_line_error(capsys)
-    assert f"cannot read image {damaged[0]}" in line and "image_id" in line
+    assert "cannot read image" in line and "image_id" in line
+    assert any(str(p) in line for p in damaged)
     assert "data.on_bad_image" in line
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -435,7 +442,8 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
 
     with _nowarn():
         for path in (evil_zip, evil_pickle):
-            with pytest.raises(CheckpointError, match=f"refusing to load {path}: .*(would|could) run code"):
+            with pytest.raises(CheckpointError,
+                               match=f"refusing to load {path}: .*(would|could) run code"):
                 load_checkpoint(path)
             with pytest.raises(CheckpointError, match="refusing"):
                 showattend.load(path, device="cpu")
@@ -649,6 +657,24 @@ def test_training_outputs_are_written_atomically(quiet, shapes_data, tmp_path, m
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("extra", [[], ["--encoder.backbone=resnet9000"]], ids=["ok", "error"])
+def test_fit_restores_process_wide_torch_settings(shapes_data, tmp_path, monkeypatch, extra):
+    """fit changes threads / determinism / denormal flushing for the run only, also on error
+    (flushed denormals left behind broke hypothesis' float strategies in later test files)."""
+    monkeypatch.setattr(T, "_plot", lambda *a, **k: None)
+    monkeypatch.setattr(showattend.metrics, "_java_available", lambda: False)
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    cfg = tiny_cfg(tmp_path, shapes_data, "--train.epochs=1", "--train.threads=1", *extra)
+    assert cfg.train.deterministic
+    try:
+        run_fit(cfg, evaluate_test=False)
+    except Exception as exc:  # noqa: BLE001 - the error path must restore too
+        assert extra and "unknown backbone" in str(exc)
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() == det
+    assert float(torch.tensor([1e-40]) * 1.0) != 0.0  # denormals not flushed
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, shapes_data):
     """An uninterrupted 2-epoch in-process run to compare interrupted ones with."""
@@ -659,7 +685,7 @@ def reference_run(tmp_path_factory, shapes_data):
     return tmp / "run"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_checkpoint_and_resume_is_bit_identical(quiet, reference_run, shapes_data,
                                                              tmp_path, caplog, sig):
     """SIGINT/SIGTERM mid-epoch: a final last.pt, a clean return; resuming ends identical."""
@@ -741,13 +767,13 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
 
     cfg = config("killed")
     out = tmp_path / "killed"
-    # 1) SIGTERM in the middle of epoch 2: a clean exit 130 with a mid-epoch last.pt
+    # 1) SIGTERM in the middle of epoch 1: a clean exit 130 with a mid-epoch last.pt
     proc = subprocess.Popen(cmd(cfg, False), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     while proc.poll() is None:
         log = out / "metrics.jsonl"
         recs = log.read_text().splitlines() if log.exists() else []
-        if sum('"kind": "train"' in r for r in recs) >= 13:  # 9 batches per epoch
+        if sum('"kind": "train"' in r for r in recs) >= 4:  # 9 batches per epoch
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.02)
@@ -780,7 +806,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     else:
         pytest.fail(f"the run never finished (kills: {kills})")
     print(f"kills (s after start, epochs done before): {kills}")
-    assert len(kills) >= 3, kills
+    assert len(kills) >= 2, kills
 
     for name in ("last.pt", "best.pt"):
         a, b = load_checkpoint(out / name), load_checkpoint(tmp_path / "ref" / name)
@@ -821,7 +847,7 @@ def _poison_step(at: int, kind: str):
 
 
 @pytest.mark.parametrize("kind, what", [("loss", "non-finite loss (nan)"),
-                                        ("grad", "non-finite gradient norm")])
+                                        ("grad", "non-finite gradient norm")], ids=["loss", "grad"])
 def test_non_finite_stops_and_keeps_last_good_checkpoint(quiet, shapes_data, tmp_path, kind, what):
     cfg = tiny_cfg(tmp_path, shapes_data)
     out = tmp_path / "run"
@@ -830,7 +856,8 @@ def test_non_finite_stops_and_keeps_last_good_checkpoint(quiet, shapes_data, tmp
 
     def step(*a, **k):
         if not snapshot and (out / "last.pt").exists():
-            snapshot.update(last=(out / "last.pt").read_bytes(), best=(out / "best.pt").read_bytes())
+            snapshot.update(last=(out / "last.pt").read_bytes(),
+                            best=(out / "best.pt").read_bytes())
         return poisoned(*a, **k)
 
     quiet.setattr(T, "train_step", step)
@@ -907,7 +934,8 @@ CLI_ERRORS = [
     (["train", "--config", "{cfg}", "--encoder.backbone=resnet9000"], "unknown backbone"),
     # missing files
     (["train", "--config", "{tmp}/nope.toml"], "config file not found"),
-    (["train", "--config", "{cfg}", "--resume", "--out_dir={tmp}/elsewhere"], "--resume: no checkpoint"),
+    (["train", "--config", "{cfg}", "--resume", "--out_dir={tmp}/elsewhere"],
+     "--resume: no checkpoint"),
     (["caption", "a.jpg", "--checkpoint", "{tmp}/nope.pt"], "checkpoint not found"),
     (["caption", "{tmp}/empty_dir", "--checkpoint", "{ckpt}"], "no images found"),
     (["evaluate", "--results", "{tmp}/r.json", "--annotations", "{tmp}/a.json"], "no such file"),
