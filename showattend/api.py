@@ -130,7 +130,9 @@ class CaptionerAPI:
             words = self.vocab.decode(dec.tokens[j, :n].tolist())
             locs = dec.locations[j, :n].cpu().numpy()
             boxes = None
-            if self.attention_kind == "hard" and (mode or self.model.test_mode) != "expectation":
+            # a crop box exists where one location was used: argmax or sample (not expectation/mc)
+            if self.attention_kind == "hard" and (mode or self.model.test_mode) in ("argmax",
+                                                                                    "sample"):
                 boxes = crop_boxes(locs, (gh, gw), self.model.decoder.attention.window,
                                    views[j].shape[:2])
             res.append(Caption(

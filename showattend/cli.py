@@ -31,8 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from showattend.vocab import VocabError
 
     return (UserError, ConfigError, DataFormatError, ImageLoadError, CheckpointError,
-            EncoderError, TrainingError, VocabError, FileNotFoundError, PermissionError,
-            IsADirectoryError, NotADirectoryError)
+            EncoderError, TrainingError, VocabError, OSError)  # OSError: missing file, disk full…
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,9 +56,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from showattend.training import fit
 
     t0 = time.time()
-    out = Path(args.out)
     name = "demo" if args.attention == "soft" else "demo_hard"
-    overrides = [f'out_dir="{out}"', f'data.root="{out / "data"}"', *args.overrides]
+    out = Path(args.out or f"runs/{name}")
+    # json.dumps quotes a path the way TOML's basic strings want it (backslashes, quotes)
+    overrides = [f"out_dir={json.dumps(str(out))}", f"data.root={json.dumps(str(out / 'data'))}",
+                 *args.overrides]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     cfg = load_config(_repo_config(name), overrides)
@@ -69,7 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"--resume")
         return 130
     m = result.test_metrics
-    n_overlays = _demo_overlays(out, args.overlays)
+    n_overlays = _demo_overlays(out, Path(cfg.data.root), args.overlays)
     wall = time.time() - t0
     print(f"demo ({cfg.attention.kind} attention): test BLEU-4 {m.get('BLEU-4', float('nan')):.3f}  "
           f"CIDEr {m.get('CIDEr', float('nan')):.3f}  grounding {m.get('grounding', float('nan')):.3f} "
@@ -80,13 +81,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_overlays(out: Path, n: int) -> int:
+def _demo_overlays(out: Path, data: Path, n: int) -> int:
     import showattend
     from showattend.data.coco import read_coco_captions
     from showattend.visualize import save_attention_figure
 
     cap = showattend.load(out / "best.pt", device="cpu")
-    recs = read_coco_captions(out / "data" / "captions_test.json", out / "data", "test")[:n]
+    recs = read_coco_captions(data / "captions_test.json", data, "test")[:n]
     for c in cap.caption([r.path for r in recs]):
         save_attention_figure(cap.overlay(c), out / "overlays" / f"{Path(c.image).stem}.png")
     return len(recs)
@@ -116,6 +117,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from showattend.metrics import caption_metrics, read_coco_results
 
         hyps = read_coco_results(args.results)
+        if not hyps:
+            raise UserError(f"{args.results} holds no results to score")
         recs = read_coco_captions(args.annotations, ".", "test")
         refs = {r.image_id: list(r.captions) for r in recs if r.captions}
         missing = sorted(set(refs) - set(hyps))
@@ -144,9 +147,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     import showattend
     from showattend.visualize import save_attention_figure
 
+    overlay_dir = Path(args.overlay_dir) if args.overlay_dir else None
+    if overlay_dir is not None and overlay_dir.exists() and not overlay_dir.is_dir():
+        raise UserError(f"--overlay-dir {overlay_dir} exists and is not a directory")
     cap = showattend.load(args.checkpoint, device=args.device)
     failed = done = 0
     records = []
+    used_names: set[str] = set()
     for path, c, err in cap.caption_paths(args.images, beam=args.beam, mode=args.mode):
         if err is not None:
             failed += 1
@@ -157,8 +164,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
             records.append(c.to_json())
         else:
             print(f"{path}\t{c.caption}")
-        if args.overlay_dir:
-            save_attention_figure(cap.overlay(c), Path(args.overlay_dir) / f"{path.stem}.png")
+        if overlay_dir is not None:
+            save_attention_figure(cap.overlay(c), overlay_dir / _unique_name(path, used_names))
     if args.json:
         json.dump(records, sys.stdout)
         sys.stdout.write("\n")
@@ -170,6 +177,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unique_name(path: Path, used: set[str]) -> str:
+    """Overlay file name for ``path``: its stem, numbered when two inputs share one."""
+    name, n = f"{path.stem}.png", 1
+    while name in used:
+        n += 1
+        name = f"{path.stem}_{n}.png"
+    used.add(name)
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="showattend", description="Show, Attend and Tell captioning "
                                 "with soft and hard attention.")
@@ -178,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="built-in end-to-end run on synthetic grounded shapes")
-    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--out", default=None,
+                   help="output directory (default runs/demo, or runs/demo_hard with --attention hard)")
     d.add_argument("--attention", choices=("soft", "hard"), default="soft")
     d.add_argument("--epochs", type=int, default=0, help="override the number of epochs")
     d.add_argument("--overlays", type=int, default=6, help="test images to draw overlays for")
@@ -247,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             # torch re-raises a DataLoader worker's exception with the worker's traceback as its
             # message; the useful line (naming the file) is the last one, "module.Error: text".
             msg = lines[-1].split(": ", 1)[-1]
-        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
-                            NotADirectoryError)) and exc.filename:
+        if isinstance(exc, OSError) and exc.filename and exc.strerror:
             msg = f"{exc.strerror}: {exc.filename}"
         print(f"showattend: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

@@ -28,7 +28,7 @@ class DataConfig:
     root: str = "runs/data/shapes"  # shapes: output dir; coco/karpathy: image root
     train_annotations: str = ""  # coco: captions_train2014.json
     val_annotations: str = ""  # coco: captions_val2014.json
-    test_annotations: str = ""  # coco: optional separate test file (else val is split)
+    test_annotations: str = ""  # coco: separate test file; without it val is split in two halves
     split_file: str = ""  # karpathy: dataset_coco.json / dataset_flickr8k.json / ...
     objects: str = ""  # optional objects file for grounding ({split} is substituted)
     n_train: int = 6000
@@ -273,10 +273,15 @@ def validate(cfg: Config) -> None:
             value = getattr(sub, f.name)
             if isinstance(value, float) and math.isnan(value):
                 raise ConfigError(f"{section.name}.{f.name} is NaN")
-    if cfg.attention.window % 2 != 1:
-        raise ConfigError("attention.window must be odd (the crop is centred on the sampled cell)")
+    if cfg.attention.window < 1 or cfg.attention.window % 2 != 1:
+        raise ConfigError("attention.window must be a positive odd number (the crop is centred "
+                          "on the sampled cell)")
     if not 0.0 <= cfg.decoder.dropout < 1.0:
         raise ConfigError("decoder.dropout must be in [0, 1)")
+    if not 0.0 <= cfg.hard.baseline_decay < 1.0:
+        raise ConfigError("hard.baseline_decay must be in [0, 1)")
+    if cfg.hard.lambda_r < 0 or cfg.hard.lambda_e < 0 or cfg.train.alpha_c < 0:
+        raise ConfigError("hard.lambda_r, hard.lambda_e and train.alpha_c must be >= 0")
     if not 0.0 <= cfg.hard.mix_prob <= 1.0:
         raise ConfigError("hard.mix_prob must be in [0, 1]")
     if not 0 < cfg.train.lr < math.inf:

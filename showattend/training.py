@@ -127,6 +127,12 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process saves a checkpoint and stops the
+    # workers itself, so a worker dying on SIGINT first would only turn that into a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _mix_for_batch(cfg: C.HardConfig, b: int, device: torch.device) -> tuple[str, torch.Tensor | None]:
     """The paper's trick: use the expected context with probability mix_prob."""
     if cfg.mix_mode == "batch":
@@ -159,13 +165,19 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     if mix is not None:
         mix = mix.to(feats.device)
     out = model(imgs, caps, mode=mode, mix=mix, feats=feats)
-    ds = doubly_stochastic(out.alphas, mask)
     if mode == "expectation":
+        ds = doubly_stochastic(out.alphas, mask)
         ce = masked_cross_entropy(out.logits, targets)
         loss = ce + cfg.train.alpha_c * ds
-        return loss, {"loss": float(loss), "ce": float(ce), "ds": float(ds), "soft_batch": 1.0}
+        return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()),
+                      "ds": float(ds.detach()), "soft_batch": 1.0}
     sampled = ~mix if mix is not None else torch.ones(feats.shape[0], dtype=torch.bool,
                                                      device=feats.device)
+    # The doubly stochastic penalty is a soft-attention regulariser: it applies to the captions
+    # that used the expected context only, so with mixing off the attention parameters learn
+    # through the score-function term alone (as the paper's estimator prescribes).
+    ds = (doubly_stochastic(out.alphas[~sampled], mask[~sampled]) if bool((~sampled).any())
+          else out.alphas.new_zeros(()))
     baseline = state.baseline
     if baseline is None:  # start the moving average at the first rewards, not at 0
         with torch.no_grad():
@@ -176,10 +188,11 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     loss = hl.loss + cfg.train.alpha_c * ds
     if bool(sampled.any()):
         r = float(hl.reward[sampled].mean())
-        state.baseline = h.baseline_decay * baseline + (1 - h.baseline_decay) * r
-    rec = {"loss": float(loss), "ce": float(hl.ce), "ds": float(ds), "reward": float(hl.reward.mean()),
+        if math.isfinite(r):  # one non-finite batch (skipped by nan_policy) must not poison b
+            state.baseline = h.baseline_decay * baseline + (1 - h.baseline_decay) * r
+    rec = {"loss": float(loss.detach()), "ce": float(hl.ce.detach()), "ds": float(ds.detach()), "reward": float(hl.reward.mean()),
            "baseline": float(baseline), "adv_std": float(hl.advantage[sampled].std())
-           if int(sampled.sum()) > 1 else 0.0, "entropy": float(hl.entropy), "soft_batch": 0.0}
+           if int(sampled.sum()) > 1 else 0.0, "entropy": float(hl.entropy.detach()), "soft_batch": 0.0}
     if stats:
         rec["sf_grad_var"] = score_function_grad_variance(model, hl, out, targets, h, sampled)
     return loss, rec
@@ -231,7 +244,7 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
                disable=not progress, leave=False)
     # The batch list is fixed up front, so worker processes change speed, never the order.
     loader = DataLoader(dataset, batch_sampler=batches[start:], collate_fn=collate_captions,
-                        num_workers=cfg.data.num_workers,
+                        num_workers=cfg.data.num_workers, worker_init_fn=_ignore_sigint,
                         pin_memory=device.type == "cuda",
                         # Its own generator: iterating a DataLoader draws a worker base seed, and
                         # from the global RNG that draw would shift the dropout/sampling stream of
@@ -328,7 +341,7 @@ def score_results(results: list[dict[str, Any]], records: list[ImageRecord],
     out: dict[str, float] = {}
     if hyps:
         out.update(M.caption_metrics(hyps, {k: refs[k] for k in hyps}, meteor=meteor))
-    if objects:
+    if objects and results:
         from PIL import Image
 
         with Image.open(records[results[0]["index"]].path) as im:

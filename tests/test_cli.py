@@ -156,3 +156,31 @@ def test_demo_end_to_end_tiny(tmp_path, capsys, attention):
         sampled = [r for r in train if r.get("soft_batch") == 0.0]
         assert sampled and all("sf_grad_var" in r for r in sampled)
         assert all(np.isfinite(r["sf_grad_var"]) for r in sampled)
+
+
+def test_review_found_user_errors_are_one_line(trained, tmp_path, capsys):
+    tmp, run = trained
+    empty = tmp_path / "empty_results.json"
+    empty.write_text("[]")
+    assert main(["evaluate", "--results", str(empty), "--annotations",
+                 str(tmp / "data" / "captions_test.json")]) == 2
+    assert "holds no results" in capsys.readouterr().err
+    img = sorted((tmp / "data" / "images" / "test").glob("*.png"))[0]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["caption", str(img), "--checkpoint", str(run), "--overlay-dir", str(afile)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    cfg = write_config(tmp_path)
+    assert main(["train", "--config", str(cfg), "--attention.window=-1"]) == 2
+    assert "attention.window must be a positive odd number" in capsys.readouterr().err
+
+
+def test_overlays_of_same_named_images_do_not_collide(trained, tmp_path):
+    tmp, run = trained
+    src = sorted((tmp / "data" / "images" / "test").glob("*.png"))[:2]
+    for d, s in zip(("d1", "d2"), src):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.png").write_bytes(s.read_bytes())
+    assert main(["-q", "caption", str(tmp_path / "d1"), str(tmp_path / "d2"), "--checkpoint",
+                 str(run), "--overlay-dir", str(tmp_path / "ov")]) == 0
+    assert sorted(p.name for p in (tmp_path / "ov").glob("*.png")) == ["x.png", "x_2.png"]

@@ -31,7 +31,9 @@ def test_overrides_are_typed_and_nested():
     ("bogus.x=1", "unknown config key bogus"),
     ("train.epochs=2.5", "train.epochs: expected int"),
     ("train.epochs=0", "train.epochs must be > 0"),
-    ("attention.window=2", "attention.window must be odd"),
+    ("attention.window=2", "attention.window must be a positive odd"),
+    ("attention.window=-1", "attention.window must be a positive odd"),
+    ("hard.baseline_decay=1.5", "hard.baseline_decay"),
     ("attention.score=dot", "attention.score"),
     ("train", "must look like section.key=value"),
 ])

@@ -135,3 +135,37 @@ def test_beam_search_works_in_every_mode(mode):
     torch.testing.assert_close(out.alphas.sum(-1), torch.ones_like(out.alphas.sum(-1)))
     if mode in ("argmax", "expectation"):
         assert torch.equal(greedy(model, feats, 8).tokens, beam_search(model, feats, 1, 8).tokens)
+
+
+def test_train_step_without_mixing_gives_attention_gradient_only_via_score_function():
+    """Through the real training step (doubly stochastic penalty on, mixing off)."""
+    from showattend.config import Config, replace
+    from showattend.training import TrainState, train_step
+
+    model = tiny_model("hard")
+    imgs, caps = tiny_batch()
+    attn = [p for p in model.decoder.attention.parameters()]
+    for lambda_r, expect_grad in ((0.0, False), (0.01, True)):
+        cfg = replace(Config(), hard={"mix_mode": "off", "lambda_r": lambda_r, "lambda_e": 0.0},
+                      train={"alpha_c": 1.0})
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss, rec = train_step(model, imgs, caps, cfg, TrainState(baseline=-5.0))
+        loss.backward()
+        total = sum(float(p.grad.abs().sum()) for p in attn if p.grad is not None)
+        assert (total > 0) == expect_grad, (lambda_r, total)
+        assert rec["soft_batch"] == 0.0
+
+
+def test_baseline_ignores_non_finite_rewards():
+    from showattend.config import Config, replace
+    from showattend.training import TrainState, train_step
+
+    model = tiny_model("hard")
+    imgs, caps = tiny_batch()
+    cfg = replace(Config(), hard={"mix_mode": "off"})
+    state = TrainState(baseline=-3.0)
+    with torch.no_grad():
+        model.decoder.L_o.bias.fill_(float("nan"))
+    train_step(model, imgs, caps, cfg, state)
+    assert state.baseline == -3.0

@@ -162,8 +162,14 @@ def load_splits(cfg, progress: bool = True) -> Splits:
                                        "data.val_annotations")
         recs = {"train": coco.read_coco_captions(d.train_annotations, d.root, "train"),
                 "val": coco.read_coco_captions(d.val_annotations, d.root, "val")}
-        recs["test"] = (coco.read_coco_captions(d.test_annotations, d.root, "test")
-                        if d.test_annotations else recs["val"])
+        if d.test_annotations:
+            recs["test"] = coco.read_coco_captions(d.test_annotations, d.root, "test")
+        else:
+            # No test file: split val (sorted by image id) into two disjoint halves, so the
+            # checkpoint chosen on val is never scored on the same images.
+            ordered = sorted(recs["val"], key=lambda r: r.image_id)
+            half = len(ordered) // 2
+            recs["val"], recs["test"] = ordered[:half], ordered[half:]
     else:
         if not d.split_file:
             raise coco.DataFormatError("data.kind = 'karpathy' needs data.split_file")

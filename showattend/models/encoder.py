@@ -59,6 +59,12 @@ class Encoder(nn.Module):
         super().train(mode)
         if self.frozen_backbone:
             self.backbone.eval()  # frozen BatchNorm keeps its pretrained statistics
+        elif mode:
+            # partial fine-tuning: BatchNorm layers of the frozen blocks keep their statistics too
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in m.parameters()):
+                    m.eval()
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -143,7 +149,12 @@ def build_encoder(backbone: str = "shapes_cnn", weights: str = "none", grid: int
                 raise EncoderError(f"encoder weights file not found: {path}")
         body = ShapesCNN(channels)
         if weights not in ("none", ""):
-            body.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            try:
+                body.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            except Exception as exc:  # noqa: BLE001 - pickle/zip/shape errors alike
+                raise EncoderError(f"cannot load encoder weights {weights}: "
+                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+                                   ) from None
         # Synthetic images are normalised to roughly zero mean / unit spread.
         return Encoder(body, channels, grid, coords, Normalisation((0.5,) * 3, (0.25,) * 3), True)
     if backbone not in TORCHVISION_BACKBONES:
