@@ -190,9 +190,11 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
         r = float(hl.reward[sampled].mean())
         if math.isfinite(r):  # one non-finite batch (skipped by nan_policy) must not poison b
             state.baseline = h.baseline_decay * baseline + (1 - h.baseline_decay) * r
-    rec = {"loss": float(loss.detach()), "ce": float(hl.ce.detach()), "ds": float(ds.detach()), "reward": float(hl.reward.mean()),
+    rec = {"loss": float(loss.detach()), "ce": float(hl.ce.detach()), "reward": float(hl.reward.mean()),
            "baseline": float(baseline), "adv_std": float(hl.advantage[sampled].std())
            if int(sampled.sum()) > 1 else 0.0, "entropy": float(hl.entropy.detach()), "soft_batch": 0.0}
+    if bool((~sampled).any()):  # the penalty exists only for expected-context captions
+        rec["ds"] = float(ds.detach())
     if stats:
         rec["sf_grad_var"] = score_function_grad_variance(model, hl, out, targets, h, sampled)
     return loss, rec
