@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # json.dumps quotes a path the way TOML's basic strings want it (backslashes, quotes)
     overrides = [f"out_dir={json.dumps(str(out))}", f"data.root={json.dumps(str(out / 'data'))}",
                  *args.overrides]
-    if args.epochs:
+    if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     cfg = load_config(_repo_config(name), overrides)
     result = fit(cfg, progress=not args.quiet)
@@ -157,7 +158,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for path, c, err in cap.caption_paths(args.images, beam=args.beam, mode=args.mode):
         if err is not None:
             failed += 1
-            print(f"showattend: skipped {path}: {err}", file=sys.stderr)
+            print(f"showattend: skipped: {err}", file=sys.stderr)
             continue
         done += 1
         if args.json:
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None,
                    help="output directory (default runs/demo, or runs/demo_hard with --attention hard)")
     d.add_argument("--attention", choices=("soft", "hard"), default="soft")
-    d.add_argument("--epochs", type=int, default=0, help="override the number of epochs")
+    d.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     d.add_argument("--overlays", type=int, default=6, help="test images to draw overlays for")
     d.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     d.set_defaults(func=cmd_demo)
@@ -256,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("showattend: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # output piped into `head` & co.: the reader left, which is not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Exception as exc:  # noqa: BLE001 - map known user errors to one line
         if args.verbose or not isinstance(exc, errors):
             raise

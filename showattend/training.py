@@ -46,7 +46,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"device '{name}' was requested but no CUDA GPU is available "
-                            f"(use --train.device=cpu)")
+                            f"(use the cpu device instead)")
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -61,7 +61,7 @@ def resolve_device(name: str) -> torch.device:
             torch.empty(0, device=dev)
         except Exception:  # noqa: BLE001 - RuntimeError/AssertionError depending on the backend
             raise TrainingError(f"device '{name}' was requested but is not available here "
-                                f"(use --train.device=cpu)") from None
+                                f"(use the cpu device instead)") from None
     return dev
 
 
@@ -415,6 +415,15 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
         torch.set_flush_denormal(flush_denormal)
 
 
+def _absolute_data_paths(cfg: C.Config) -> C.Config:
+    """Data paths made absolute, so the saved config finds the data from any working directory."""
+    d = cfg.data
+    fields = {k: str(Path(getattr(d, k)).resolve()) for k in
+              ("root", "train_annotations", "val_annotations", "test_annotations", "split_file",
+               "objects") if getattr(d, k)}
+    return C.replace(cfg, data=fields)
+
+
 def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
          evaluate_test: bool) -> RunResult:
     out = Path(cfg.out_dir)
@@ -431,6 +440,11 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             log.warning("resuming with the configuration saved in the checkpoint "
                         "(only train.epochs may change on resume)")
         cfg = C.replace(saved, train={"epochs": cfg.train.epochs})
+    else:
+        if (out / "last.pt").is_file():
+            log.warning("%s already holds a run: starting a new one over it (use --resume to "
+                        "continue the old one)", out)
+        cfg = _absolute_data_paths(cfg)
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
         # Denormal floats appear in LSTM/attention gradients late in training and slow CPU
@@ -572,7 +586,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
         log.warning("skipped %d unreadable images during training", state.bad_images)
     if evaluate_test and not result.interrupted and (out / "best.pt").is_file():
         result.test_metrics = evaluate_checkpoint(out / "best.pt", "test", out_dir=out,
-                                                  splits=splits, progress=progress)
+                                                  splits=splits, progress=progress, summary=True)
     return result
 
 
@@ -617,12 +631,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"
 def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None = None,
                         out_dir: str | Path | None = None, splits: Splits | None = None,
                         device: str | None = None, meteor: bool | None = None,
-                        progress: bool = True, mode: str | None = None) -> dict[str, float]:
-    """Decode ``split`` with a checkpoint; write metrics and COCO-format results; return metrics."""
+                        progress: bool = True, mode: str | None = None,
+                        summary: bool = False) -> dict[str, float]:
+    """Decode ``split`` with a checkpoint; write metrics_<split>_beam<N>.json and COCO-format
+    results_<split>_beam<N>.json next to the checkpoint (or in ``out_dir``); return the metrics.
+    ``summary`` also writes metrics.json (the run's headline figures, written by training)."""
     from showattend.metrics import write_coco_results
 
     dev = resolve_device(device or "auto")
-    model, vocab, preprocess, cfg, _ = load_model(path, dev)
+    model, vocab, preprocess, cfg, ckpt = load_model(path, dev)
     if mode:
         model.test_mode = mode
     splits = splits or load_splits(cfg.data, progress=progress)
@@ -642,12 +659,13 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
                             meteor=cfg.eval.meteor if meteor is None else meteor)
     metrics.update(beam=float(beam), decode_images_per_s=len(results) / max(dt, 1e-9),
                    skipped_images=float(len(src.bad)))
-    out = Path(out_dir) if out_dir else Path(path).parent
+    out = Path(out_dir) if out_dir else Path(ckpt["path"]).parent
     tag = f"{split}_beam{beam}" + (f"_{mode}" if mode else "")
     write_coco_results(out / f"results_{tag}.json", {r["image_id"]: r["caption"] for r in results})
     atomic_write_json(out / f"metrics_{tag}.json", metrics)
-    if split == "test":
+    if summary:
         atomic_write_json(out / "metrics.json", metrics)
+    log.info("wrote %s and %s", out / f"metrics_{tag}.json", out / f"results_{tag}.json")
     return metrics
 
 

@@ -184,3 +184,27 @@ def test_overlays_of_same_named_images_do_not_collide(trained, tmp_path):
     assert main(["-q", "caption", str(tmp_path / "d1"), str(tmp_path / "d2"), "--checkpoint",
                  str(run), "--overlay-dir", str(tmp_path / "ov")]) == 0
     assert sorted(p.name for p in (tmp_path / "ov").glob("*.png")) == ["x.png", "x_2.png"]
+
+
+def test_evaluate_run_dir_from_elsewhere_keeps_run_summary(trained, tmp_path, monkeypatch, capsys):
+    tmp, run = trained
+    summary = (run / "metrics.json").read_bytes()
+    monkeypatch.chdir(tmp_path)  # data paths in the checkpoint are absolute: nothing regenerated
+    assert main(["-q", "evaluate", "--checkpoint", str(run), "--beam", "1", "--no-meteor"]) == 0
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.iterdir())
+    assert (run / "metrics_test_beam1.json").is_file() and (run / "results_test_beam1.json").is_file()
+    assert (run / "metrics.json").read_bytes() == summary  # the run's headline figures stay
+    assert oct((run / "metrics_test_beam1.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_demo_epochs_zero_is_an_error(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--epochs", "0"]) == 2
+    assert "train.epochs must be > 0" in capsys.readouterr().err

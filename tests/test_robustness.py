@@ -257,7 +257,8 @@ def test_caption_folder_captions_good_reports_bad(checkpoint, tmp_path, capsys):
     err_lines = err.strip().splitlines()
     assert "Traceback" not in err
     for path, reason in bad.items():
-        lines = [ln for ln in err_lines if ln.startswith(f"showattend: skipped {path}:")]
+        lines = [ln for ln in err_lines
+                 if ln.startswith(f"showattend: skipped: cannot read image {path}:")]
         assert len(lines) == 1 and reason in lines[0], (path, err_lines)
     assert err_lines[-1] == f"showattend: {len(bad)} of {len(good) + len(bad)} images failed"
     assert len(err_lines) == len(bad) + 1  # one line per bad file, one summary
