@@ -96,12 +96,10 @@ def _demo_overlays(out: Path, data: Path, n: int) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from showattend.config import load_config
-    from showattend.io import atomic_write_text
     from showattend.training import fit
 
     cfg = load_config(args.config, args.overrides)
     result = fit(cfg, resume=args.resume, progress=not args.quiet)
-    _ = atomic_write_text
     if result.interrupted:
         print(f"interrupted: saved {Path(cfg.out_dir) / 'last.pt'}; continue with --resume")
         return 130

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,7 +298,6 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return dataclasses.replace(cfg, **changes)
 
 
-_ = types  # keep the import for typing.get_type_hints on postponed annotations
 
 
 def _toml_value(v: Any) -> str:

@@ -47,9 +47,9 @@ out_dir = "{out}"
 [data]
 kind = "shapes"
 root = "{data}"
-n_train = 48
-n_val = 12
-n_test = 12
+n_train = {n_train}
+n_val = {n_eval}
+n_test = {n_eval}
 seed = 5
 [encoder]
 channels = 16
@@ -60,22 +60,29 @@ kind = "{kind}"
 embed_dim = 16
 hidden_dim = 32
 [train]
-epochs = 2
-batch_size = 16
+epochs = {epochs}
+batch_size = {batch_size}
 val_beam = 1
 log_every = 1
+{train_extra}
 [eval]
-beam = 2
+beam = {beam}
 meteor = false
 batch_size = 8
 """
 
 
+def tiny_toml(out, data, kind: str = "soft", n_train: int = 48, n_eval: int = 12, epochs: int = 2,
+              batch_size: int = 16, beam: int = 2, train_extra: str = "") -> str:
+    """TOML of a tiny run (a 16-channel model on a few dozen built-in images)."""
+    return TINY.format(out=out, data=data, kind=kind, n_train=n_train, n_eval=n_eval,
+                       epochs=epochs, batch_size=batch_size, beam=beam, train_extra=train_extra)
+
+
 def write_config(tmp_path, kind: str = "soft", data=None):
     """A tiny TOML run config (48 training images, 2 epochs) in tmp_path."""
     cfg = tmp_path / f"tiny_{kind}.toml"
-    cfg.write_text(TINY.format(out=tmp_path / f"run_{kind}", data=data or tmp_path / "data",
-                               kind=kind))
+    cfg.write_text(tiny_toml(tmp_path / f"run_{kind}", data or tmp_path / "data", kind=kind))
     return cfg
 
 

@@ -46,41 +46,14 @@ from showattend.io import atomic_torch_save, atomic_write_bytes
 from showattend.models.captioner import Captioner
 from showattend.vocab import Vocab
 
+from conftest import tiny_toml
+
 EXE = Path(sys.executable).with_name("showattend")
 
-TINY = """
-name = "tiny"
-out_dir = "{out}"
-[data]
-kind = "shapes"
-root = "{data}"
-n_train = {n_train}
-n_val = 8
-n_test = 8
-seed = 5
-[encoder]
-channels = 16
-[attention]
-dim = 16
-[decoder]
-embed_dim = 16
-hidden_dim = 32
-[train]
-epochs = {epochs}
-batch_size = 8
-val_beam = 1
-log_every = 1
-threads = 1
-deterministic = true
-[eval]
-beam = 1
-meteor = false
-batch_size = 8
-"""
-
-
 def write_config(path: Path, out: Path, data: Path, n_train: int = 48, epochs: int = 2) -> Path:
-    path.write_text(TINY.format(out=out, data=data, n_train=n_train, epochs=epochs))
+    # deterministic single-threaded settings so resumed runs can be compared bit for bit
+    path.write_text(tiny_toml(out, data, n_train=n_train, n_eval=8, epochs=epochs, batch_size=8,
+                              beam=1, train_extra="threads = 1\ndeterministic = true"))
     return path
 
 
