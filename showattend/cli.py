@@ -108,6 +108,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from showattend.config import load_config
+    from showattend.data.prepare import input_overrides, prepare
+
+    inputs = input_overrides(args.images, args.split_file, args.annotations, args.flickr_captions,
+                             args.flickr_splits, args.out)
+    if args.config is None and not any(x.startswith("data.kind=") for x in inputs):
+        raise UserError("prepare needs --config, or explicit inputs (--images with --split-file, "
+                        "--annotations or --flickr-captions/--flickr-splits) and --out")
+    if args.workers is not None and args.workers < 0:
+        raise UserError("--workers must be >= 0")
+    cfg = load_config(args.config, [*inputs, *args.overrides])
+    result = prepare(cfg, workers=args.workers, features=not args.no_features,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.results or args.annotations:
         if not (args.results and args.annotations):
@@ -207,6 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     t.set_defaults(func=cmd_train)
 
+    pp = sub.add_parser("prepare", help="read captions + images once into a prepared folder "
+                        "(uint8 image store, feature cache, vocabulary)")
+    pp.add_argument("--config", help="TOML config whose [data] names the inputs and "
+                    "data.prepared the output ([encoder] sets image size and backbone)")
+    pp.add_argument("--images", help="image folder (data.root)")
+    src = pp.add_mutually_exclusive_group()
+    src.add_argument("--split-file", help="Karpathy split file (dataset_flickr8k.json, ...)")
+    src.add_argument("--annotations", nargs="+", metavar="F",
+                     help="COCO captions_*.json: train, val [, test]")
+    src.add_argument("--flickr-captions", help="Flickr token file (Flickr8k.token.txt)")
+    pp.add_argument("--flickr-splits", help="folder with the Flickr split lists")
+    pp.add_argument("--out", help="output folder (data.prepared)")
+    pp.add_argument("--workers", type=int, default=None,
+                    help="image-decoding processes (default: data.num_workers or CPU count)")
+    pp.add_argument("--no-features", action="store_true", help="no feature cache")
+    pp.add_argument("--overwrite", action="store_true",
+                    help="replace a finished folder made from other inputs or settings")
+    pp.set_defaults(func=cmd_prepare)
+
     e = sub.add_parser("evaluate", help="score a checkpoint on a split, or a COCO results file")
     e.add_argument("--checkpoint", help="checkpoint file or run directory")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
@@ -237,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``showattend`` console script."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "prepare"):
         args.overrides = extra
     elif args.command == "demo":
         args.overrides = [*args.overrides, *extra]

@@ -23,12 +23,17 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the captions and images come from and how captions become token ids."""
 
-    kind: str = "shapes"  # "shapes" (built-in synthetic) | "coco" (official json) | "karpathy"
-    root: str = "runs/data/shapes"  # shapes: output dir; coco/karpathy: image root
+    kind: str = "shapes"  # "shapes" (built-in) | "coco" (official json) | "karpathy" | "flickr"
+    root: str = "runs/data/shapes"  # shapes: output dir; coco/karpathy/flickr: image root
     train_annotations: str = ""  # coco: captions_train2014.json
     val_annotations: str = ""  # coco: captions_val2014.json
     test_annotations: str = ""  # coco: separate test file; without it val is split in two halves
     split_file: str = ""  # karpathy: dataset_coco.json / dataset_flickr8k.json / ...
+    flickr_captions: str = ""  # flickr: the token file (Flickr8k.token.txt), NAME#K<TAB>caption
+    flickr_splits: str = ""  # flickr: folder of the split lists (Flickr_8k.trainImages.txt, ...)
+    prepared: str = ""  # prepared data folder: `prepare` writes it; train/evaluate then read it
+    features: str = "auto"  # prepared + frozen encoder: "auto" reads the feature cache | "off"
+    min_image_side: int = 32  # prepare: images with a shorter side are skipped as too small
     objects: str = ""  # optional objects file for grounding ({split} is substituted)
     n_train: int = 6000
     n_val: int = 500
@@ -226,7 +231,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 _CHOICES = {
-    ("data", "kind"): ("shapes", "coco", "karpathy"),
+    ("data", "kind"): ("shapes", "coco", "karpathy", "flickr"),
+    ("data", "features"): ("auto", "off"),
     ("data", "on_bad_image"): ("skip", "error"),
     ("encoder", "resize"): ("stretch", "crop"),
     ("attention", "kind"): ("soft", "hard"),
@@ -260,7 +266,8 @@ def validate(cfg: Config) -> None:
     non_negative = [("data", "n_train"), ("data", "n_val"), ("data", "n_test"), ("data", "seed"),
                     ("data", "max_images"), ("data", "num_workers"), ("train", "val_images"),
                     ("train", "weight_decay"), ("train", "encoder_lr"), ("train", "grad_clip"),
-                    ("train", "early_stop"), ("encoder", "fine_tune_blocks")]
+                    ("train", "early_stop"), ("encoder", "fine_tune_blocks"),
+                    ("data", "min_image_side")]
     for section, key in non_negative:
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{section}.{key} must be >= 0")

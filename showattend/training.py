@@ -25,7 +25,8 @@ from showattend import config as C
 from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from showattend.data.coco import ImageRecord
 from showattend.data.datasets import (CaptionDataset, ImageDataset, ImageSource, Splits,
-                                      collate_captions, collate_images, load_splits)
+                                      collate_captions, collate_images, load_splits, load_vocab)
+from showattend.data.prepared import load_cache_encoder, make_source, use_features
 from showattend.data.images import Preprocessor
 from showattend.decoding import decode
 from showattend.io import atomic_write_json, atomic_write_text
@@ -145,18 +146,22 @@ def _mix_for_batch(cfg: C.HardConfig, b: int, device: torch.device) -> tuple[str
 
 
 def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.Config,
-               state: TrainState, stats: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one batch (not yet backpropagated) and its logged statistics."""
+               state: TrainState, stats: bool = False, features: bool = False
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch (not yet backpropagated) and its logged statistics.
+
+    ``features=True``: ``imgs`` are cached annotations (B, L, D) and the encoder is skipped.
+    """
     targets = caps[:, 1:]  # (B, T)
     mask = targets != PAD_ID
     if model.attention_kind == "soft":
-        out = model(imgs, caps)
+        out = model(imgs, caps, feats=imgs if features else None)
         ce = masked_cross_entropy(out.logits, targets)
         ds = doubly_stochastic(out.alphas, mask)
         loss = ce + cfg.train.alpha_c * ds
         return loss, {"loss": loss.item(), "ce": ce.item(), "ds": ds.item()}
     h = cfg.hard
-    feats = model.encode(imgs)  # (B, L, D)
+    feats = imgs if features else model.encode(imgs)  # (B, L, D)
     if h.n_samples > 1:
         feats = feats.repeat_interleave(h.n_samples, 0)  # (B·N, L, D)
         caps = caps.repeat_interleave(h.n_samples, 0)
@@ -263,7 +268,8 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
         # stats are computed on the step that will be logged (after the increment below)
         want_stats = (model.attention_kind == "hard"
                       and (state.step + 1) % cfg.train.log_every == 0)
-        loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats)
+        loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats,
+                               features=getattr(dataset.source, "features", False))
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             _non_finite(cfg, state, f"loss ({loss_value})")
@@ -315,7 +321,9 @@ def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: 
     for imgs, idxs, _ in tqdm(loader, desc="decoding", disable=not progress, leave=False):
         if imgs is None:
             continue
-        feats = model.encode(imgs.to(device))  # (B, L, D)
+        imgs = imgs.to(device)
+        # a prepared feature cache holds the annotations already
+        feats = imgs if getattr(source, "features", False) else model.encode(imgs)  # (B, L, D)
         dec = decode(model, feats, beam=beam, max_len=max_len, length_norm=length_norm, mode=mode)
         for j, i in enumerate(idxs):
             n = int(dec.lengths[j])
@@ -420,7 +428,7 @@ def _absolute_data_paths(cfg: C.Config) -> C.Config:
     d = cfg.data
     fields = {k: str(Path(getattr(d, k)).resolve()) for k in
               ("root", "train_annotations", "val_annotations", "test_annotations", "split_file",
-               "objects") if getattr(d, k)}
+               "objects", "flickr_captions", "flickr_splits", "prepared") if getattr(d, k)}
     return C.replace(cfg, data=fields)
 
 
@@ -456,7 +464,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.train.seed)
     splits = splits or load_splits(cfg.data, progress=progress)
-    vocab = Vocab.build((c for r in splits.train for c in r.captions), cfg.data.min_word_freq)
+    vocab = load_vocab(cfg.data, splits)  # a prepared folder's own vocabulary
     if ckpt is not None:
         saved_vocab = Vocab.from_dict(ckpt["vocab"])
         if saved_vocab != vocab:
@@ -474,6 +482,10 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
         except RuntimeError as exc:
             raise TrainingError(f"hard.warm_start: incompatible model "
                                 f"({str(exc).splitlines()[0]})") from None
+    if splits.prepared is not None and ckpt is None and use_features(cfg, model, splits.prepared):
+        # train on the cache's features with the encoder that computed them, so the checkpoint
+        # captions raw images with the same annotations the decoder learnt from
+        load_cache_encoder(model, splits.prepared)
     preprocess = make_preprocess(cfg, model)
     optimizer = _build_optimizer(model, cfg.train)
     state = TrainState()
@@ -516,9 +528,10 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
 
     cache = cfg.data.cache_in_memory
     on_bad = cfg.data.on_bad_image
-    train_src = ImageSource(splits.train, preprocess, cache, "train", progress, on_bad=on_bad)
+    train_src = make_source(cfg, splits, splits.train, preprocess, model, cache, "train", progress,
+                            on_bad)
     val_recs = splits.val[: cfg.train.val_images] if cfg.train.val_images else splits.val
-    val_src = ImageSource(val_recs, preprocess, cache, "val", progress, on_bad=on_bad)
+    val_src = make_source(cfg, splits, val_recs, preprocess, model, cache, "val", progress, on_bad)
     for name, src in (("train", train_src), ("val", val_src)):
         if src.bad:
             first = next(iter(src.bad.values()))
@@ -644,11 +657,10 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
         model.test_mode = mode
     splits = splits or load_splits(cfg.data, progress=progress)
     records = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
-    data_vocab = Vocab.build((c for r in splits.train for c in r.captions), cfg.data.min_word_freq)
-    if data_vocab != vocab:
+    if load_vocab(cfg.data, splits) != vocab:
         log.warning("the training data's vocabulary differs from the checkpoint's: evaluating "
                     "with the checkpoint's")
-    src = ImageSource(records, preprocess, cache=False, desc=split, progress=progress)
+    src = make_source(cfg, splits, records, preprocess, model, False, split, progress, "skip")
     beam = beam or cfg.eval.beam
     t0 = time.time()
     results = decode_records(model, src, vocab, dev, beam=beam, max_len=cfg.eval.max_len,

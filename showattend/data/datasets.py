@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -140,15 +141,32 @@ class Splits:
     val: list[ImageRecord]
     test: list[ImageRecord]
     objects: dict[str, dict[int, list[dict]]]  # split → image_id → objects (grounding), may be {}
+    notes: list[str] = field(default_factory=list)  # what the readers left out, and why
+    prepared: Any = None  # the PreparedFolder the records come from (data.prepared), else None
 
 
-def load_splits(cfg, progress: bool = True) -> Splits:
-    """Read (and for the built-in data, generate) the train/val/test records of a DataConfig."""
+def load_splits(cfg, progress: bool = True, source: bool = False) -> Splits:
+    """Read (and for the built-in data, generate) the train/val/test records of a DataConfig.
+
+    With ``data.prepared`` set the records come from that prepared folder (only the images that
+    ``prepare`` could read); ``source=True`` reads the original inputs instead (prepare does).
+    """
     from showattend.data import coco
 
     d = cfg
     objects: dict[str, dict[int, list[dict]]] = {}
-    if d.kind == "shapes":
+    notes: list[str] = []
+    prepared = None
+    if d.prepared and not source:
+        from showattend.data.prepared import open_prepared
+
+        prepared = open_prepared(d.prepared)
+        recs = {s: list(prepared.records.get(s, [])) for s in ("train", "val", "test")}
+        if d.kind == "shapes":  # grounding boxes of the built-in data stay next to its images
+            for s in ("train", "val", "test"):
+                if (Path(d.root) / f"objects_{s}.json").is_file():
+                    objects[s] = coco.read_objects(Path(d.root) / f"objects_{s}.json")
+    elif d.kind == "shapes":
         from showattend.data.shapes import generate_shapes
 
         root = Path(d.root)
@@ -170,6 +188,14 @@ def load_splits(cfg, progress: bool = True) -> Splits:
             ordered = sorted(recs["val"], key=lambda r: r.image_id)
             half = len(ordered) // 2
             recs["val"], recs["test"] = ordered[:half], ordered[half:]
+    elif d.kind == "flickr":
+        if not d.flickr_captions or not d.flickr_splits:
+            raise coco.DataFormatError("data.kind = 'flickr' needs data.flickr_captions (the "
+                                       "token file) and data.flickr_splits (the split lists' "
+                                       "folder)")
+        from showattend.data.flickr import read_flickr
+
+        recs = read_flickr(d.flickr_captions, d.flickr_splits, d.root, notes=notes)
     else:
         if not d.split_file:
             raise coco.DataFormatError("data.kind = 'karpathy' needs data.split_file")
@@ -179,9 +205,21 @@ def load_splits(cfg, progress: bool = True) -> Splits:
             p = Path(d.objects.format(split=s))
             if p.is_file():
                 objects[s] = coco.read_objects(p)
+    if not source:  # prepare prints them in its summary instead
+        for note in notes:
+            log.warning("%s", note)
     if d.max_images > 0:
         recs = {s: r[: d.max_images] for s, r in recs.items()}
     for s in ("train", "val", "test"):
         if not recs.get(s):
-            raise coco.DataFormatError(f"split '{s}' has no images")
-    return Splits(recs["train"], recs["val"], recs["test"], objects)
+            where = f" of {prepared.path}" if prepared is not None else ""
+            raise coco.DataFormatError(f"split '{s}'{where} has no images")
+    return Splits(recs["train"], recs["val"], recs["test"], objects, notes, prepared)
+
+
+def load_vocab(cfg, splits: Splits) -> Vocab:
+    """The run's vocabulary: a prepared folder's own (built from its train split), else built
+    from the train captions with ``data.min_word_freq``."""
+    if splits.prepared is not None:
+        return splits.prepared.vocab
+    return Vocab.build((c for r in splits.train for c in r.captions), cfg.min_word_freq)

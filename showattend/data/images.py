@@ -197,21 +197,33 @@ class Preprocessor:
 
     def to_tensor(self, img: Image.Image | str | os.PathLike) -> torch.Tensor:
         """Float tensor (3, H, W): ``(geometry(img) / 255 - mean) / std``."""
-        import torch
-
-        pixels = np.asarray(self.geometry(img), dtype=np.float32) / 255.0  # (H, W, 3)
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        normed = (pixels - mean) / std  # (H, W, 3)
-        return torch.from_numpy(np.ascontiguousarray(normed.transpose(2, 0, 1)))  # (3, H, W)
+        return self.normalize(self.view(img))
 
     def __call__(self, img_or_path: Image.Image | str | os.PathLike) -> torch.Tensor:
         """Path or image → normalised tensor (3, H, W); paths go through :func:`load_image`."""
         return self.to_tensor(img_or_path)
 
     def view(self, img_or_path: Image.Image | str | os.PathLike) -> np.ndarray:
-        """uint8 array (H, W, 3) of :meth:`geometry`, for drawing attention overlays."""
+        """uint8 array (H, W, 3) of :meth:`geometry`: what a prepared image store holds, and what
+        attention overlays are drawn on."""
         return np.array(self.geometry(img_or_path), dtype=np.uint8)  # (H, W, 3)
+
+    def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (..., H, W, 3) from :meth:`view` → float tensor (..., 3, H, W).
+
+        The second half of the one preprocessing: images decoded now and images read back from a
+        prepared uint8 store go through this same code, so both give bit-identical inputs.
+        """
+        import torch
+
+        x = torch.as_tensor(pixels)
+        if x.dtype != torch.uint8 or x.dim() < 3 or x.shape[-1] != 3:
+            raise ValueError(f"normalize expects uint8 pixels (..., H, W, 3), got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device)
+        normed = (x.to(torch.float32) / 255.0 - mean) / std  # (..., H, W, 3)
+        return normed.movedim(-1, -3).contiguous()  # (..., 3, H, W)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able description, stored inside checkpoints."""
