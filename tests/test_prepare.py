@@ -296,8 +296,17 @@ def test_interrupted_prepare_resumes_without_redoing_work(cache_run, flickr, tmp
         prepare(cfg, on_chunk=_stop_after("images", 2), **kw)
     with pytest.raises(PreparedDataError, match="not a finished prepared folder"):
         open_prepared(out)  # nothing half-made is readable
+    seen = []
+    stop = _stop_after("features", 1)
+
+    def hook(phase: str, done: int) -> None:
+        seen.append((phase, done))
+        stop(phase, done)
+
     with pytest.raises(_Stop):  # resumes the images, then stops in the features
-        r = prepare(cfg, on_chunk=_stop_after("features", 1), **kw)
+        prepare(cfg, on_chunk=hook, **kw)
+    # 8 rows were done: the images continue with rows 8-11 and 12-13, the features start at 0
+    assert seen == [("images", 12), ("images", 14), ("features", 4)]
     assert not (out / "manifest.json").exists()
     done = []
     r = prepare(cfg, on_chunk=lambda p, n: done.append((p, n)), **kw)

@@ -212,18 +212,22 @@ class Preprocessor:
         """uint8 pixels (..., H, W, 3) from :meth:`view` → float tensor (..., 3, H, W).
 
         The second half of the one preprocessing: images decoded now and images read back from a
-        prepared uint8 store go through this same code, so both give bit-identical inputs.
+        prepared uint8 store go through this same code, so both give bit-identical inputs. It is
+        numpy on purpose: per-image torch ops on a busy CPU cost more in thread hand-offs than in
+        arithmetic (measured 25 vs 1,000+ images/s with 2 threads on 2 shared cores).
         """
         import torch
 
-        x = torch.as_tensor(pixels)
-        if x.dtype != torch.uint8 or x.dim() < 3 or x.shape[-1] != 3:
-            raise ValueError(f"normalize expects uint8 pixels (..., H, W, 3), got {x.dtype} "
-                             f"{tuple(x.shape)}")
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device)
-        normed = (x.to(torch.float32) / 255.0 - mean) / std  # (..., H, W, 3)
-        return normed.movedim(-1, -3).contiguous()  # (..., 3, H, W)
+        if isinstance(pixels, torch.Tensor):
+            pixels = pixels.cpu().numpy()
+        arr = np.asarray(pixels)
+        if arr.dtype != np.uint8 or arr.ndim < 3 or arr.shape[-1] != 3:
+            raise ValueError(f"normalize expects uint8 pixels (..., H, W, 3), got {arr.dtype} "
+                             f"{arr.shape}")
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        normed = (arr.astype(np.float32) / 255.0 - mean) / std  # (..., H, W, 3)
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(normed, -1, -3)))  # (..., 3, H, W)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able description, stored inside checkpoints."""

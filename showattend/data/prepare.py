@@ -517,9 +517,9 @@ def _feature_phase(out: Path, work: Path, existing: dict[str, Any] | None, encod
                disable=not progress)
     try:
         for chunk in chunks:
-            x = torch.from_numpy(np.array(images[chunk])).to(device)  # (B, H, W, 3) uint8
+            x = pre.normalize(images[chunk]).to(device)  # (B, 3, H, W)
             with torch.inference_mode():
-                a = encoder(pre.normalize(x))  # (B, L, D)
+                a = encoder(x)  # (B, L, D)
             if list(a.shape[1:]) != shape[1:]:
                 raise PreparedDataError(f"the encoder gives annotations {list(a.shape[1:])}, "
                                         f"expected {shape[1:]}")
