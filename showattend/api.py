@@ -122,7 +122,8 @@ class CaptionerAPI:
     def _caption_batch(self, chunk, views, batch, beam, max_len, mode) -> list[Caption]:
         feats = self.model.encode(batch.to(self.device))  # (B, L, D)
         dec = decode(self.model, feats, beam=beam, max_len=max_len,
-                     length_norm=self.config.eval.length_norm, mode=mode)
+                     length_norm=self.config.eval.length_norm, mode=mode,
+                     no_repeat_ngram=self.config.eval.no_repeat_ngram)
         gh, gw = self.model.grid
         res = []
         for j, src in enumerate(chunk):

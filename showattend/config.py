@@ -124,6 +124,7 @@ class EvalConfig:
     beam: int = 3
     max_len: int = 20
     length_norm: float = 0.0  # score / length**length_norm when ranking finished beams
+    no_repeat_ngram: int = 0  # > 1: never repeat an n-gram within a caption (0 = off)
     meteor: bool = True
     batch_size: int = 100
 
@@ -260,7 +261,8 @@ def validate(cfg: Config) -> None:
     non_negative = [("data", "n_train"), ("data", "n_val"), ("data", "n_test"), ("data", "seed"),
                     ("data", "max_images"), ("data", "num_workers"), ("train", "val_images"),
                     ("train", "weight_decay"), ("train", "encoder_lr"), ("train", "grad_clip"),
-                    ("train", "early_stop"), ("encoder", "fine_tune_blocks")]
+                    ("train", "early_stop"), ("encoder", "fine_tune_blocks"),
+                    ("eval", "no_repeat_ngram")]
     for section, key in non_negative:
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{section}.{key} must be >= 0")
@@ -283,6 +285,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("hard.lambda_r, hard.lambda_e and train.alpha_c must be >= 0")
     if not 0.0 <= cfg.hard.mix_prob <= 1.0:
         raise ConfigError("hard.mix_prob must be in [0, 1]")
+    if cfg.eval.no_repeat_ngram == 1:
+        raise ConfigError("eval.no_repeat_ngram = 1 would forbid repeating any word; use 0 (off) "
+                          "or n >= 2")
     if not 0 < cfg.train.lr < math.inf:
         raise ConfigError("train.lr must be a finite number > 0")
 

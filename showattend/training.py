@@ -305,7 +305,8 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
 @torch.no_grad()
 def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: torch.device,
                    beam: int = 1, max_len: int = 20, length_norm: float = 0.0, batch_size: int = 100,
-                   mode: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                   mode: str | None = None, progress: bool = True,
+                   no_repeat_ngram: int = 0) -> list[dict[str, Any]]:
     """Caption every good image of ``source``: one dict per image (words, attention, β, …)."""
     model.eval()
     ds = ImageDataset(source)
@@ -316,7 +317,8 @@ def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: 
         if imgs is None:
             continue
         feats = model.encode(imgs.to(device))  # (B, L, D)
-        dec = decode(model, feats, beam=beam, max_len=max_len, length_norm=length_norm, mode=mode)
+        dec = decode(model, feats, beam=beam, max_len=max_len, length_norm=length_norm, mode=mode,
+                     no_repeat_ngram=no_repeat_ngram)
         for j, i in enumerate(idxs):
             n = int(dec.lengths[j])
             words = vocab.decode(dec.tokens[j, :n].tolist())
@@ -546,7 +548,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             val = score_results(
                 decode_records(model, val_src, vocab, device, beam=cfg.train.val_beam,
                                max_len=cfg.eval.max_len, batch_size=cfg.eval.batch_size,
-                               progress=progress),
+                               progress=progress, no_repeat_ngram=cfg.eval.no_repeat_ngram),
                 val_recs, splits.objects.get("val"), meteor=False)
             state.epoch += 1
             state.batch_in_epoch = 0
@@ -653,6 +655,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
     t0 = time.time()
     results = decode_records(model, src, vocab, dev, beam=beam, max_len=cfg.eval.max_len,
                              length_norm=cfg.eval.length_norm, batch_size=cfg.eval.batch_size,
+                             no_repeat_ngram=cfg.eval.no_repeat_ngram,
                              progress=progress)
     dt = time.time() - t0
     metrics = score_results(results, records, splits.objects.get(split),

@@ -94,3 +94,80 @@ def test_sampled_locations_follow_the_noise_not_the_batch_layout():
     part = model(imgs[2:], caps[2:], noise=noise[2:])
     real = caps[2:, 1:] != 0
     torch.testing.assert_close(whole.log_probs[2:][real], part.log_probs[real])
+
+
+# --- beam search: back-pointers, shrinking working batch, n-gram blocking -------------------------
+
+def test_block_repeats_bans_exactly_the_word_that_would_repeat_a_trigram():
+    from showattend.decoding import _block_repeats
+
+    hist = torch.tensor([[1, 5, 6, 7, 5, 6],    # "5 6" seen before, followed by 7 → ban 7
+                         [1, 5, 6, 7, 8, 9]])   # last pair "8 9" new → ban nothing
+    logp = torch.zeros(2, 10)
+    out = _block_repeats(logp, hist, 3)
+    assert torch.isinf(out[0, 7]) and int(torch.isinf(out[0]).sum()) == 1
+    assert not torch.isinf(out[1]).any()
+    out2 = _block_repeats(torch.zeros(2, 10), hist, 2)  # bigrams: after 6 came 7 → ban 7; row 1: 9 new
+    assert torch.isinf(out2[0, 7]) and not torch.isinf(out2[1]).any()
+
+
+def _repeating_model():
+    """A tiny model whose greedy captions repeat themselves (bias towards a 2-word loop)."""
+    model = tiny_model(vocab_size=12).eval()
+    with torch.no_grad():
+        model.decoder.L_o.bias[2] = -6.0  # <end> unlikely: captions run to max_len
+        model.decoder.embed.weight.mul_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_no_repeat_ngram_leaves_no_repeated_trigram(beam):
+    from showattend.decoding import decode
+
+    model = _repeating_model()
+    imgs, _ = tiny_batch(b=6, vocab_size=12)
+    feats = model.encode(imgs)
+    plain = decode(model, feats, beam=beam, max_len=14)
+
+    def trigram_repeats(dec):
+        n = 0
+        for i in range(dec.tokens.shape[0]):
+            words = dec.tokens[i, : int(dec.lengths[i])].tolist()
+            grams = list(zip(words, words[1:], words[2:]))
+            n += len(grams) - len(set(grams))
+        return n
+
+    assert trigram_repeats(plain) > 0  # the model does repeat itself …
+    blocked = decode(model, feats, beam=beam, max_len=14, no_repeat_ngram=3)
+    assert trigram_repeats(blocked) == 0  # … and blocking removes every repeat
+
+
+def test_beam_one_equals_greedy_with_blocking():
+    from showattend.decoding import beam_search, greedy
+
+    model = _repeating_model()
+    imgs, _ = tiny_batch(b=5, vocab_size=12)
+    feats = model.encode(imgs)
+    g = greedy(model, feats, 12, no_repeat_ngram=3)
+    b = beam_search(model, feats, 1, 12, no_repeat_ngram=3)
+    assert torch.equal(g.tokens, b.tokens)
+    torch.testing.assert_close(g.scores, b.scores)
+
+
+def test_beam_search_rebuilds_maps_of_the_chosen_sequence():
+    """Back-pointer reconstruction: the returned words, score and maps are those of re-running the
+    decoder step by step along the returned words (teacher forcing on the chosen caption)."""
+    from showattend.decoding import beam_search
+
+    model = tiny_model(vocab_size=12).eval()
+    imgs, _ = tiny_batch(b=5, vocab_size=12)
+    feats = model.encode(imgs)
+    dec = beam_search(model, feats, beam=4, max_len=9)
+    for i in range(5):
+        n = int(dec.lengths[i])
+        caps = torch.cat([torch.tensor([1]), dec.tokens[i, : n + 1]]).unsqueeze(0)  # <start> … <end>
+        out = model.forward_stepwise(None, caps, feats=feats[i: i + 1])
+        logp = torch.log_softmax(out.logits[0], -1)  # (n+1, V)
+        score = logp.gather(1, caps[0, 1:].unsqueeze(1)).sum()
+        torch.testing.assert_close(dec.scores[i], score, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dec.alphas[i, : n + 1], out.alphas[0], rtol=1e-5, atol=1e-6)
