@@ -18,13 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from showattend.data.images import ImageLoadError, Preprocessor
+from showattend.data.images import ImageLoadError, Preprocessor, image_extensions
 from showattend.decoding import decode
 from showattend.vocab import Vocab
 
 ImageLike = str | os.PathLike | Image.Image
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm", ".jfif"}
 
 
 @dataclass
@@ -68,12 +66,14 @@ def crop_boxes(locations: np.ndarray, grid: tuple[int, int], window: int,
 
 
 def iter_image_paths(inputs: Sequence[str | os.PathLike]) -> Iterator[Path]:
-    """Expand folders (recursively, image extensions only, sorted); files pass through as given."""
+    """Expand folders (recursively, sorted) to the files of every format load_image reads; files
+    given by name pass through whatever their extension."""
+    extensions = image_extensions()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                if f.is_file() and f.suffix.lower() in extensions:
                     yield f
         else:
             yield p
