@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from showattend import config as C
 from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -31,6 +30,7 @@ from showattend.decoding import decode
 from showattend.io import atomic_write_json, atomic_write_text
 from showattend.losses import doubly_stochastic, masked_cross_entropy, reinforce_loss
 from showattend.models.captioner import Captioner
+from showattend.progress import progress_bar, write
 from showattend.vocab import PAD_ID, Vocab
 
 log = logging.getLogger(__name__)
@@ -242,8 +242,8 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
     bs = cfg.train.batch_size
     batches = [order[i: i + bs] for i in range(0, len(order), bs)]
     start = state.batch_in_epoch
-    bar = tqdm(total=len(batches), initial=start, desc=f"epoch {state.epoch + 1}",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=len(batches), initial=start, desc=f"epoch {state.epoch + 1}",
+                       unit="batch", disable=not progress, leave=False)
     # The batch list is fixed up front, so worker processes change speed, never the order.
     loader = DataLoader(dataset, batch_sampler=batches[start:], collate_fn=collate_captions,
                         num_workers=cfg.data.num_workers, worker_init_fn=_ignore_sigint,
@@ -312,7 +312,8 @@ def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: 
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_images)
     gh, gw = model.grid
     results = []
-    for imgs, idxs, _ in tqdm(loader, desc="decoding", disable=not progress, leave=False):
+    for imgs, idxs, _ in progress_bar(loader, desc="decoding", unit="batch", disable=not progress,
+                                      leave=False):
         if imgs is None:
             continue
         feats = model.encode(imgs.to(device))  # (B, L, D)
@@ -570,7 +571,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             save_fn("last.pt")
             _plot(log_path, out)
             if progress:
-                tqdm.write(f"epoch {state.epoch}: val {cfg.train.val_metric} {metric:.4f} "
+                write(f"epoch {state.epoch}: val {cfg.train.val_metric} {metric:.4f} "
                            f"(best {state.best:.4f} @ {state.best_epoch}), "
                            f"grounding {val.get('grounding', float('nan')):.3f}, "
                            f"{state.elapsed:.0f}s")
