@@ -1,4 +1,4 @@
-"""progress_bar: a live bar on a terminal, occasional plain lines (no carriage returns) elsewhere."""
+"""progress_bar: a live bar on a terminal, plain lines (no carriage returns) elsewhere."""
 
 from __future__ import annotations
 
