@@ -120,9 +120,12 @@ class CaptionerAPI:
         return out
 
     def _caption_batch(self, chunk, views, batch, beam, max_len, mode) -> list[Caption]:
-        feats = self.model.encode(batch.to(self.device))  # (B, L, D)
-        dec = decode(self.model, feats, beam=beam, max_len=max_len,
-                     length_norm=self.config.eval.length_norm, mode=mode)
+        from showattend.training import autocast
+
+        with autocast(self.config.train.precision, self.device):  # bf16 models on CUDA
+            feats = self.model.encode(batch.to(self.device))  # (B, L, D)
+            dec = decode(self.model, feats, beam=beam, max_len=max_len,
+                         length_norm=self.config.eval.length_norm, mode=mode)
         gh, gw = self.model.grid
         res = []
         for j, src in enumerate(chunk):
@@ -138,8 +141,10 @@ class CaptionerAPI:
             res.append(Caption(
                 image=str(src) if not isinstance(src, Image.Image) else "<PIL.Image>",
                 caption=" ".join(words), words=words, score=float(dec.scores[j]),
-                attention=dec.alphas[j, :n].reshape(n, gh, gw).cpu().numpy(),
-                beta=dec.betas[j, :n].cpu().numpy(), locations=locs, boxes=boxes, view=views[j]))
+                # .float(): numpy has no bfloat16
+                attention=dec.alphas[j, :n].reshape(n, gh, gw).float().cpu().numpy(),
+                beta=dec.betas[j, :n].float().cpu().numpy(), locations=locs, boxes=boxes,
+                view=views[j]))
         return res
 
     def caption_paths(self, inputs: Sequence[str | os.PathLike], beam: int | None = None,

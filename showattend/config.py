@@ -111,6 +111,7 @@ class TrainConfig:
     val_images: int = 0  # >0: validate on the first N val images only
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast of forward, loss and decoding; CUDA only)
     deterministic: bool = False
     nan_policy: str = "stop"  # "stop" | "skip"
     log_every: int = 50
@@ -265,6 +266,7 @@ _CHOICES = {
     ("hard", "mix_mode"): ("batch", "sample", "off"),
     ("train", "val_metric"): ("BLEU-4", "CIDEr"),
     ("train", "nan_policy"): ("stop", "skip"),
+    ("train", "precision"): ("fp32", "bf16"),
 }
 
 
