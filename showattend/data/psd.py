@@ -72,21 +72,24 @@ def has_real_merged_data(resources: list[tuple[int, bytes, bytes]]) -> bool:
     return True  # no version info (older writers, GIMP, Krita): the merged image is real
 
 
-def _layer_section(f: BinaryIO) -> tuple[tuple[int, int, int, int], int, list[_Layer]]:
-    """Header (channels, height, width, depth, mode) → signed layer count and layer records.
+def _layer_count(f: BinaryIO) -> tuple[tuple[int, int, int, int], int]:
+    """Header (height, width, depth, colour mode) and the signed layer count (0: no layers).
 
-    Leaves ``f`` at the first layer's channel image data.
+    Leaves ``f`` at the first layer record.
     """
     f.seek(0)
     head = _read(f, 26)
-    channels, height, width, depth, mode = struct.unpack(">HIIHH", head[12:26])
+    _channels, height, width, depth, mode = struct.unpack(">HIIHH", head[12:26])
     f.seek(_u(f, "I"), 1)  # colour mode data
     f.seek(_u(f, "I"), 1)  # image resources
-    if _u(f, "I") == 0:  # layer and mask information section
-        return (height, width, depth, mode), 0, []
-    if _u(f, "I") == 0:  # layer info
-        return (height, width, depth, mode), 0, []
-    count = _u(f, "h")
+    if _u(f, "I") == 0 or _u(f, "I") == 0:  # layer and mask section, then its layer info
+        return (height, width, depth, mode), 0
+    return (height, width, depth, mode), _u(f, "h")
+
+
+def _layer_section(f: BinaryIO) -> tuple[tuple[int, int, int, int], int, list[_Layer]]:
+    """Header, signed layer count and layer records; leaves ``f`` at the channel image data."""
+    head, count = _layer_count(f)
     layers = []
     for _ in range(abs(count)):
         top, left, bottom, right = struct.unpack(">iiii", _read(f, 16))
@@ -96,7 +99,7 @@ def _layer_section(f: BinaryIO) -> tuple[tuple[int, int, int, int], int, list[_L
         extra = _read(f, _u(f, "I"))
         layers.append(_Layer(top, left, bottom, right, chans, blend, opacity,
                              hidden=bool(flags & 0x02), section=_section_type(extra)))
-    return (height, width, depth, mode), count, layers
+    return head, count, layers
 
 
 def _section_type(extra: bytes) -> int:
@@ -189,8 +192,10 @@ def composite_layers(f: BinaryIO) -> Image.Image | None:
 
 def merged_alpha_is_transparency(f: BinaryIO) -> bool:
     """True when the merged image's first alpha channel is its transparency (negative count)."""
-    _head, count, _layers = _layer_section(f)
-    return count < 0
+    try:
+        return _layer_count(f)[1] < 0
+    except (SyntaxError, struct.error):  # a damaged layer section: keep the readable picture
+        return False
 
 
 def psd_image(im: Image.Image, f: BinaryIO) -> Image.Image:
