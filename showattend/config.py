@@ -111,6 +111,7 @@ class TrainConfig:
     val_images: int = 0  # >0: validate on the first N val images only
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast of forward, loss and decoding; CUDA only)
     deterministic: bool = False
     nan_policy: str = "stop"  # "stop" | "skip"
     log_every: int = 50
@@ -209,13 +210,42 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+def builtin_config_dir() -> Path:
+    """Where the built-in run configs live: the package's ``configs/`` (shipped in the wheel; in a
+    source checkout a symlink to the top-level ``configs/``)."""
+    return Path(__file__).parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the built-in configs (``demo``, ``coco_soft``, ...), sorted."""
+    return sorted(p.stem for p in builtin_config_dir().glob("*.toml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The TOML file meant by ``--config``: a file that exists wins; otherwise a bare name
+    (``demo``, ``flickr8k_soft``, ``demo.toml``) is looked up among the built-in configs.
+    Anything else is a one-line :class:`ConfigError` listing the built-in names."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    text = str(name_or_path)
+    if "/" not in text and "\\" not in text:  # a bare name, not a path
+        builtin = builtin_config_dir() / (text if text.endswith(".toml") else f"{text}.toml")
+        if builtin.is_file():
+            return builtin
+    names = ", ".join(builtin_configs()) or "none installed"
+    what = "is not a file" if p.exists() else "not found"
+    raise ConfigError(f"config file {what}: {p} (nor a built-in config name: {names})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a TOML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Load a TOML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    ``path`` is a file, or the name of a built-in config (see :func:`resolve_config`).
+    """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config(path)
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -237,6 +267,7 @@ _CHOICES = {
     ("hard", "mix_mode"): ("batch", "sample", "off"),
     ("train", "val_metric"): ("BLEU-4", "CIDEr"),
     ("train", "nan_policy"): ("stop", "skip"),
+    ("train", "precision"): ("fp32", "bf16"),
 }
 
 
