@@ -285,10 +285,13 @@ class LiteFeatures(nn.Module):
         # The classifier head is never used: dropping it keeps 1.28 M parameters out of checkpoints.
         net._fc = nn.Identity()
         net._dropout = nn.Identity()
-        self.net = net
+        # channels-last runs the depthwise convolutions 1.3–2× faster on CPU (same numbers to
+        # float rounding); the (B, C, h, w) map it returns flattens to a contiguous (B, L, C).
+        self.net = net.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(images)  # (B, 1280, h, w)
+        x = images.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
+        return self.net.extract_features(x)  # (B, 1280, h, w)
 
 
 def _lite_stages(net: nn.Module) -> list[nn.Module]:
