@@ -46,14 +46,15 @@ class DataConfig:
 class EncoderConfig:
     """CNN backbone producing the grid of annotation vectors."""
 
-    backbone: str = "shapes_cnn"  # shapes_cnn | resnet50 | resnet101 | resnet152 | vgg16 | vgg19
+    # shapes_cnn | resnet50/101/152 | vgg16/19 | efficientnet_lite0/1/2 (models/backbones.py)
+    backbone: str = "shapes_cnn"
     weights: str = "none"  # "imagenet" | "none" | path to a local state-dict file
     grid: int = 8  # annotation grid is grid × grid (adaptive pooling)
     image_size: int = 64  # input images are resized to image_size × image_size
     resize: str = "stretch"  # "stretch" | "crop"
     channels: int = 128  # shapes_cnn width (last stage)
     coords: bool = True  # append 2 coordinate channels (x, y in [-1, 1]) to every annotation
-    fine_tune_blocks: int = 0  # torchvision backbones: number of last blocks trained (0 = frozen)
+    fine_tune_blocks: int = 0  # pretrained backbones: number of last blocks trained (0 = frozen)
 
 
 @dataclass(frozen=True)
