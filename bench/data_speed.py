@@ -103,12 +103,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default; 1 is faster on a crowded CPU)")
+    ap.add_argument("--generated", action="store_true",
+                    help="use generated 500x375 JPEGs even when the Flickr8k photos exist")
     ap.add_argument("--work", default=None, help="keep the prepared folder here")
     args = ap.parse_args()
 
     tmp = Path(args.work or tempfile.mkdtemp(prefix="data_speed_"))
     photos, text = _find(PHOTOS, "images"), _find(TEXT, "Flickr8k.token.txt")
-    if photos and text:
+    if photos and text and not args.generated:
         images, tokens, splits = photos / "images", text / "Flickr8k.token.txt", text
         what = f"Flickr8k photos from {images}"
         per_split = args.images // 3  # first images of train, dev and test

@@ -18,13 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from showattend.data.images import ImageLoadError, Preprocessor
+from showattend.data.images import ImageLoadError, Preprocessor, image_extensions
 from showattend.decoding import decode
 from showattend.vocab import Vocab
 
 ImageLike = str | os.PathLike | Image.Image
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm", ".jfif"}
 
 
 @dataclass
@@ -68,12 +66,14 @@ def crop_boxes(locations: np.ndarray, grid: tuple[int, int], window: int,
 
 
 def iter_image_paths(inputs: Sequence[str | os.PathLike]) -> Iterator[Path]:
-    """Expand folders (recursively, image extensions only, sorted); files pass through as given."""
+    """Expand folders (recursively, sorted) to the files of every format load_image reads; files
+    given by name pass through whatever their extension."""
+    extensions = image_extensions()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                if f.is_file() and f.suffix.lower() in extensions:
                     yield f
         else:
             yield p
@@ -120,9 +120,13 @@ class CaptionerAPI:
         return out
 
     def _caption_batch(self, chunk, views, batch, beam, max_len, mode) -> list[Caption]:
-        feats = self.model.encode(batch.to(self.device))  # (B, L, D)
-        dec = decode(self.model, feats, beam=beam, max_len=max_len,
-                     length_norm=self.config.eval.length_norm, mode=mode)
+        from showattend.training import autocast
+
+        with autocast(self.config.train.precision, self.device):  # bf16 models on CUDA
+            feats = self.model.encode(batch.to(self.device))  # (B, L, D)
+            dec = decode(self.model, feats, beam=beam, max_len=max_len,
+                         length_norm=self.config.eval.length_norm, mode=mode,
+                         no_repeat_ngram=self.config.eval.no_repeat_ngram)
         gh, gw = self.model.grid
         res = []
         for j, src in enumerate(chunk):
@@ -138,8 +142,10 @@ class CaptionerAPI:
             res.append(Caption(
                 image=str(src) if not isinstance(src, Image.Image) else "<PIL.Image>",
                 caption=" ".join(words), words=words, score=float(dec.scores[j]),
-                attention=dec.alphas[j, :n].reshape(n, gh, gw).cpu().numpy(),
-                beta=dec.betas[j, :n].cpu().numpy(), locations=locs, boxes=boxes, view=views[j]))
+                # .float(): numpy has no bfloat16
+                attention=dec.alphas[j, :n].reshape(n, gh, gw).float().cpu().numpy(),
+                beta=dec.betas[j, :n].float().cpu().numpy(), locations=locs, boxes=boxes,
+                view=views[j]))
         return res
 
     def caption_paths(self, inputs: Sequence[str | os.PathLike], beam: int | None = None,

@@ -43,14 +43,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"showattend: error: {message} (see '{self.prog} --help')\n")
 
 
-def _repo_config(name: str) -> Path:
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
-    if not path.is_file():
-        raise UserError(f"built-in config {name}.toml not found next to the package ({path}); "
-                        f"install showattend from a source checkout (pip install -e .)")
-    return path
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the built-in data, train, evaluate on the test split, write overlays, summarise."""
     from showattend.config import load_config
@@ -64,14 +56,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  *args.overrides]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
-    cfg = load_config(_repo_config(name), overrides)
+    cfg = load_config(name, overrides)  # a built-in config, shipped inside the package
     result = fit(cfg, progress=not args.quiet)
     if result.interrupted:
         print(f"demo interrupted; resume with: showattend train --config {out / 'config.toml'} "
               f"--resume")
         return 130
     m = result.test_metrics
-    n_overlays = _demo_overlays(out, Path(cfg.data.root), args.overlays)
+    n_overlays = _demo_overlays(out, Path(cfg.data.root), args.overlays, cfg.train.device)
     wall = time.time() - t0
     print(f"demo ({cfg.attention.kind} attention): test BLEU-4 {m.get('BLEU-4', float('nan')):.3f}  "
           f"CIDEr {m.get('CIDEr', float('nan')):.3f}  grounding {m.get('grounding', float('nan')):.3f} "
@@ -82,12 +74,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_overlays(out: Path, data: Path, n: int) -> int:
+def _demo_overlays(out: Path, data: Path, n: int, device: str) -> int:
     import showattend
     from showattend.data.coco import read_coco_captions
     from showattend.visualize import save_attention_figure
 
-    cap = showattend.load(out / "best.pt", device="cpu")
+    cap = showattend.load(out / "best.pt", device=device)
     recs = read_coco_captions(data / "captions_test.json", data, "test")[:n]
     for c in cap.caption([r.path for r in recs]):
         save_attention_figure(cap.overlay(c), out / "overlays" / f"{Path(c.image).stem}.png")
@@ -221,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train from a TOML config")
-    t.add_argument("--config", required=True, help="TOML config file (see configs/)")
+    t.add_argument("--config", required=True,
+                   help="TOML config file, or a built-in config name (demo, coco_soft, ...)")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     t.set_defaults(func=cmd_train)
 

@@ -51,14 +51,15 @@ class DataConfig:
 class EncoderConfig:
     """CNN backbone producing the grid of annotation vectors."""
 
-    backbone: str = "shapes_cnn"  # shapes_cnn | resnet50 | resnet101 | resnet152 | vgg16 | vgg19
+    # shapes_cnn | resnet50/101/152 | vgg16/19 | efficientnet_lite0/1/2 (models/backbones.py)
+    backbone: str = "shapes_cnn"
     weights: str = "none"  # "imagenet" | "none" | path to a local state-dict file
     grid: int = 8  # annotation grid is grid × grid (adaptive pooling)
     image_size: int = 64  # input images are resized to image_size × image_size
     resize: str = "stretch"  # "stretch" | "crop"
     channels: int = 128  # shapes_cnn width (last stage)
     coords: bool = True  # append 2 coordinate channels (x, y in [-1, 1]) to every annotation
-    fine_tune_blocks: int = 0  # torchvision backbones: number of last blocks trained (0 = frozen)
+    fine_tune_blocks: int = 0  # pretrained backbones: number of last blocks trained (0 = frozen)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class TrainConfig:
     val_images: int = 0  # >0: validate on the first N val images only
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast of forward, loss and decoding; CUDA only)
     deterministic: bool = False
     nan_policy: str = "stop"  # "stop" | "skip"
     log_every: int = 50
@@ -129,6 +131,7 @@ class EvalConfig:
     beam: int = 3
     max_len: int = 20
     length_norm: float = 0.0  # score / length**length_norm when ranking finished beams
+    no_repeat_ngram: int = 0  # > 1: never repeat an n-gram within a caption (0 = off)
     meteor: bool = True
     batch_size: int = 100
 
@@ -213,13 +216,42 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+def builtin_config_dir() -> Path:
+    """Where the built-in run configs live: the package's ``configs/`` (shipped in the wheel; in a
+    source checkout a symlink to the top-level ``configs/``)."""
+    return Path(__file__).parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the built-in configs (``demo``, ``coco_soft``, ...), sorted."""
+    return sorted(p.stem for p in builtin_config_dir().glob("*.toml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The TOML file meant by ``--config``: a file that exists wins; otherwise a bare name
+    (``demo``, ``flickr8k_soft``, ``demo.toml``) is looked up among the built-in configs.
+    Anything else is a one-line :class:`ConfigError` listing the built-in names."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    text = str(name_or_path)
+    if "/" not in text and "\\" not in text:  # a bare name, not a path
+        builtin = builtin_config_dir() / (text if text.endswith(".toml") else f"{text}.toml")
+        if builtin.is_file():
+            return builtin
+    names = ", ".join(builtin_configs()) or "none installed"
+    what = "is not a file" if p.exists() else "not found"
+    raise ConfigError(f"config file {what}: {p} (nor a built-in config name: {names})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a TOML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Load a TOML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    ``path`` is a file, or the name of a built-in config (see :func:`resolve_config`).
+    """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config(path)
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -242,6 +274,7 @@ _CHOICES = {
     ("hard", "mix_mode"): ("batch", "sample", "off"),
     ("train", "val_metric"): ("BLEU-4", "CIDEr"),
     ("train", "nan_policy"): ("stop", "skip"),
+    ("train", "precision"): ("fp32", "bf16"),
 }
 
 
@@ -267,7 +300,7 @@ def validate(cfg: Config) -> None:
                     ("data", "max_images"), ("data", "num_workers"), ("train", "val_images"),
                     ("train", "weight_decay"), ("train", "encoder_lr"), ("train", "grad_clip"),
                     ("train", "early_stop"), ("encoder", "fine_tune_blocks"),
-                    ("data", "min_image_side")]
+                    ("eval", "no_repeat_ngram"), ("data", "min_image_side")]
     for section, key in non_negative:
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{section}.{key} must be >= 0")
@@ -290,6 +323,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("hard.lambda_r, hard.lambda_e and train.alpha_c must be >= 0")
     if not 0.0 <= cfg.hard.mix_prob <= 1.0:
         raise ConfigError("hard.mix_prob must be in [0, 1]")
+    if cfg.eval.no_repeat_ngram == 1:
+        raise ConfigError("eval.no_repeat_ngram = 1 would forbid repeating any word; use 0 (off) "
+                          "or n >= 2")
     if not 0 < cfg.train.lr < math.inf:
         raise ConfigError("train.lr must be a finite number > 0")
 

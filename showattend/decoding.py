@@ -48,8 +48,34 @@ def _finish(tokens: torch.Tensor, scores: torch.Tensor, alphas: torch.Tensor, be
     return Decoded(tokens, lengths, scores, alphas, betas, locs)
 
 
+def _block_repeats(logp: torch.Tensor, hist: torch.Tensor, n: int) -> torch.Tensor:
+    """Forbid any word that would repeat an n-gram already in the row's history.
+
+    logp (R, V) next-word log-probs; hist (R, t) words so far (<start> first). A caption such as
+    "a man in a blue shirt and a blue shirt" is the classic failure of maximum-likelihood decoding
+    on photos; with n = 3 the second "a blue shirt" cannot be produced.
+    """
+    t = hist.shape[1]
+    if n < 2 or t < n - 1:
+        return logp
+    prefix = hist[:, t - (n - 1):]  # (R, n-1) the last n-1 words
+    starts = t - (n - 1)  # earlier n-grams start at 0 … starts-1
+    if starts <= 0:
+        return logp
+    match = torch.ones(hist.shape[0], starts, dtype=torch.bool, device=hist.device)  # (R, S)
+    for j in range(n - 1):
+        match &= hist[:, j: j + starts] == prefix[:, j: j + 1]
+    banned = hist[:, n - 1: n - 1 + starts]  # (R, S) the word that completed each earlier n-gram
+    rows, cols = match.nonzero(as_tuple=True)
+    if len(rows):
+        logp = logp.index_put((rows, banned[rows, cols]),
+                              torch.tensor(float("-inf"), device=logp.device))
+    return logp
+
+
 @torch.no_grad()
-def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = None) -> Decoded:
+def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = None,
+           no_repeat_ngram: int = 0) -> Decoded:
     """Greedy decoding from annotations feats (B, L, D)."""
     mode = mode or _test_mode(model)
     b = feats.shape[0]
@@ -58,10 +84,14 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
     prev = torch.full((b,), START_ID, dtype=torch.long, device=feats.device)
     done = torch.zeros(b, dtype=torch.bool, device=feats.device)
     score = feats.new_zeros(b)
+    hist = prev.unsqueeze(1)  # (B, 1) only read when blocking repeats
     toks, alphas, betas, locs = [], [], [], []
     for t in range(max_len + 1):
         out = model.decoder.step(mem, state, prev, mode)
-        logp = _mask_logp(torch.log_softmax(out.logits.float(), -1), t, max_len)  # (B, V)
+        logp = torch.log_softmax(out.logits.float(), -1)  # (B, V)
+        if no_repeat_ngram:
+            logp = _block_repeats(logp, hist, no_repeat_ngram)
+        logp = _mask_logp(logp, t, max_len)
         best, tok = logp.max(-1)  # (B,)
         tok = torch.where(done, torch.full_like(tok, END_ID), tok)
         score = score + torch.where(done, torch.zeros_like(best), best)
@@ -71,6 +101,8 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
         locs.append(out.attn.location)
         done = done | (tok == END_ID)
         state, prev = out.state, tok
+        if no_repeat_ngram:
+            hist = torch.cat([hist, tok.unsqueeze(1)], 1)
         if bool(done.all()):
             break
     return _finish(torch.stack(toks, 1), score, torch.stack(alphas, 1), torch.stack(betas, 1),
@@ -79,14 +111,32 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
 
 @torch.no_grad()
 def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
-                length_norm: float = 0.0, mode: str | None = None) -> Decoded:
+                length_norm: float = 0.0, mode: str | None = None,
+                no_repeat_ngram: int = 0) -> Decoded:
     """Batched beam search; returns the best of ``beam`` finished hypotheses per image.
 
     Ranking of finished hypotheses uses score / (words + 1) ** length_norm (0 = raw log-prob).
+    Each step stores only its new word, attention map and a back-pointer per beam; the best
+    sequence is rebuilt at the end (no re-copying of histories). An image whose beams have all
+    ended leaves the working batch, so late steps cost only what the still-open images need.
     """
     mode = mode or _test_mode(model)
     b, k = feats.shape[0], beam
     dev = feats.device
+    n_cells = feats.shape[1]
+    steps = max_len + 1
+    # Per step, indexed by global beam row (image · K + beam): the word chosen, the row it
+    # extended at the previous step, and the attention/gate/location that produced it.
+    h_tok = torch.full((steps, b * k), PAD_ID, dtype=torch.long, device=dev)
+    h_from = torch.zeros(steps, b * k, dtype=torch.long, device=dev)
+    h_alpha = feats.new_zeros(steps, b * k, n_cells)
+    h_beta = feats.new_zeros(steps, b * k)
+    h_loc = torch.zeros(steps, b * k, dtype=torch.long, device=dev)
+    final = feats.new_zeros(b, k)  # scores of the finished beams
+    final_len = torch.zeros(b, k, dtype=torch.long, device=dev)  # words before <end>
+    last = torch.zeros(b, dtype=torch.long, device=dev)  # step at which each image finished
+
+    work = torch.arange(b, device=dev)  # images still searching
     feats_k = feats.repeat_interleave(k, 0)  # (B·K, L, D)
     mem = model.memory(feats_k)
     state = model.decoder.init_state(feats_k)
@@ -94,45 +144,81 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     prev = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)
     done = torch.zeros(b * k, dtype=torch.bool, device=dev)
-    offsets = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
-    toks = torch.empty(b * k, 0, dtype=torch.long, device=dev)
-    alphas = feats.new_empty(b * k, 0, feats.shape[1])
-    betas = feats.new_empty(b * k, 0)
-    locs = torch.empty(b * k, 0, dtype=torch.long, device=dev)
-    for t in range(max_len + 1):
+    n_words = torch.zeros(b * k, dtype=torch.long, device=dev)
+    hist = prev.unsqueeze(1)  # (R, t) words so far; only kept when blocking repeats
+    ended = None
+    for t in range(steps):
+        n = len(work)
         out = model.decoder.step(mem, state, prev, mode)
-        logp = _mask_logp(torch.log_softmax(out.logits.float(), -1), t, max_len)  # (B·K, V)
+        logp = torch.log_softmax(out.logits.float(), -1)  # (n·K, V)
+        if no_repeat_ngram:
+            logp = _block_repeats(logp, hist, no_repeat_ngram)
+        logp = _mask_logp(logp, t, max_len)
         v = logp.shape[1]
-        ended = torch.full_like(logp[:1], float("-inf"))
-        ended[0, END_ID] = 0.0
+        if ended is None:
+            ended = torch.full_like(logp[:1], float("-inf"))
+            ended[0, END_ID] = 0.0
         logp = torch.where(done.unsqueeze(1), ended, logp)  # finished: only <end>, free
-        cand = (scores.reshape(-1, 1) + logp).reshape(b, k * v)  # (B, K·V)
-        scores, idx = cand.topk(k, dim=1)  # (B, K)
-        origin = (idx // v + offsets).reshape(-1)  # (B·K,) row each new beam extends
-        tok = (idx % v).reshape(-1)  # (B·K,)
-        state = State(out.state.h[origin], out.state.c[origin])
-        toks = torch.cat([toks[origin], tok.unsqueeze(1)], 1)
-        alphas = torch.cat([alphas[origin], out.attn.alpha[origin].unsqueeze(1)], 1)
-        betas = torch.cat([betas[origin], out.beta[origin].unsqueeze(1)], 1)
-        locs = torch.cat([locs[origin], out.attn.location[origin].unsqueeze(1)], 1)
+        cand = (scores.reshape(-1, 1) + logp).reshape(n, k * v)  # (n, K·V)
+        scores, idx = cand.topk(k, dim=1)  # (n, K)
+        offsets = (torch.arange(n, device=dev) * k).unsqueeze(1)  # (n, 1)
+        origin = (idx // v + offsets).reshape(-1)  # (n·K,) working row each new beam extends
+        tok = (idx % v).reshape(-1)  # (n·K,)
+        rows = (work.unsqueeze(1) * k + torch.arange(k, device=dev)).reshape(-1)  # global rows
+        h_tok[t, rows] = tok
+        h_from[t, rows] = rows[origin]
+        h_alpha[t, rows] = out.attn.alpha[origin]
+        h_beta[t, rows] = out.beta[origin]
+        h_loc[t, rows] = out.attn.location[origin]
+        n_words = n_words[origin] + ((~done[origin]) & (tok != END_ID)).long()
         done = done[origin] | (tok == END_ID)
+        state = State(out.state.h[origin], out.state.c[origin])
         prev = tok
-        if bool(done.all()):
-            break
-    lengths = (toks == END_ID).int().argmax(1)  # (B·K,) words before the first <end>
-    ranked = scores.reshape(-1)
+        if no_repeat_ngram:
+            hist = torch.cat([hist[origin], tok.unsqueeze(1)], 1)
+        img_done = done.reshape(n, k).all(1)  # (n,)
+        if bool(img_done.any()):
+            fin = work[img_done]
+            final[fin] = scores[img_done]
+            final_len[fin] = n_words.reshape(n, k)[img_done]
+            last[fin] = t
+            keep = ~img_done
+            if not bool(keep.any()):
+                break
+            keep_rows = keep.repeat_interleave(k)  # (n·K,)
+            work, scores = work[keep], scores[keep]
+            mem = type(mem)(*(x[keep_rows] for x in mem))
+            state = State(state.h[keep_rows], state.c[keep_rows])
+            prev, done, n_words = prev[keep_rows], done[keep_rows], n_words[keep_rows]
+            if no_repeat_ngram:
+                hist = hist[keep_rows]
+    ranked = final
     if length_norm:
-        ranked = ranked / (lengths.float() + 1) ** length_norm
-    best = ranked.reshape(b, k).argmax(1) + offsets.squeeze(1)  # (B,)
-    return _finish(toks[best], scores.reshape(-1)[best], alphas[best], betas[best], locs[best])
+        ranked = final / (final_len.float() + 1) ** length_norm
+    best_k = ranked.argmax(1)  # (B,)
+    imgs = torch.arange(b, device=dev)
+    cur = imgs * k + best_k  # (B,) global row of each image's best beam
+    t_run = int(last.max()) + 1
+    toks = torch.full((b, t_run), PAD_ID, dtype=torch.long, device=dev)
+    alphas = feats.new_zeros(b, t_run, n_cells)
+    betas = feats.new_zeros(b, t_run)
+    locs = torch.zeros(b, t_run, dtype=torch.long, device=dev)
+    for t in range(t_run - 1, -1, -1):  # follow the back-pointers from each image's last step
+        live = last >= t  # (B,)
+        toks[:, t] = torch.where(live, h_tok[t, cur], toks[:, t])
+        alphas[:, t] = torch.where(live.unsqueeze(1), h_alpha[t, cur], alphas[:, t])
+        betas[:, t] = torch.where(live, h_beta[t, cur], betas[:, t])
+        locs[:, t] = torch.where(live, h_loc[t, cur], locs[:, t])
+        cur = torch.where(live, h_from[t, cur], cur)
+    return _finish(toks, final[imgs, best_k], alphas, betas, locs)
 
 
 def decode(model, feats: torch.Tensor, beam: int = 1, max_len: int = 20, length_norm: float = 0.0,
-           mode: str | None = None) -> Decoded:
+           mode: str | None = None, no_repeat_ngram: int = 0) -> Decoded:
     """Greedy for beam 1, beam search otherwise."""
     if beam <= 1:
-        return greedy(model, feats, max_len, mode)
-    return beam_search(model, feats, beam, max_len, length_norm, mode)
+        return greedy(model, feats, max_len, mode, no_repeat_ngram)
+    return beam_search(model, feats, beam, max_len, length_norm, mode, no_repeat_ngram)
 
 
 def _test_mode(model) -> str:

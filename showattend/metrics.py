@@ -405,12 +405,19 @@ def grounding(
 # --------------------------------------------------------------------------------------------
 
 
+def _repeats_bigram(words: Sequence[str]) -> bool:
+    """True if some word pair occurs twice ("a blue shirt and a blue shirt")."""
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) < len(pairs)
+
+
 def diagnostics(
     captions: Sequence[str], alphas_list: Sequence[np.ndarray]
 ) -> dict[str, float | int]:
     """Collapse and attention-sharpness indicators for a set of generated captions.
 
-    "distinct_captions": share of distinct captions; "vocab_used": number of distinct words;
+    "distinct_captions": share of distinct captions; "repetition_rate": share of captions in which
+    a word bigram occurs twice; "vocab_used": number of distinct words;
     "attention_entropy": mean entropy (nats) of the per-word maps; "attention_entropy_max": the
     entropy of a uniform map, log(h*w); "attention_change": mean total-variation distance (0..1)
     between the maps of consecutive words of a caption.
@@ -419,6 +426,7 @@ def diagnostics(
         raise ValueError(f"diagnostics: {len(captions)} captions but "
                          f"{len(alphas_list)} attention sequences")
     distinct = len(set(captions)) / len(captions) if captions else 0.0
+    repeated = sum(_repeats_bigram(c.split()) for c in captions)
     vocab = {word for caption in captions for word in caption.split()}
 
     entropies: list[np.ndarray] = []
@@ -444,6 +452,7 @@ def diagnostics(
 
     return {
         "distinct_captions": distinct,
+        "repetition_rate": repeated / len(captions) if captions else 0.0,
         "vocab_used": len(vocab),
         "attention_entropy": mean(entropies),
         "attention_entropy_max": float(np.mean(max_entropies)) if max_entropies else 0.0,

@@ -8,6 +8,7 @@ epoch is a pure function of (seed, epoch), which makes resumption bit-identical 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +20,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from showattend import config as C
 from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -32,6 +32,7 @@ from showattend.decoding import decode
 from showattend.io import atomic_write_json, atomic_write_text
 from showattend.losses import doubly_stochastic, masked_cross_entropy, reinforce_loss
 from showattend.models.captioner import Captioner
+from showattend.progress import progress_bar, write
 from showattend.vocab import PAD_ID, Vocab
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,25 @@ def resolve_device(name: str) -> torch.device:
             raise TrainingError(f"device '{name}' was requested but is not available here "
                                 f"(use the cpu device instead)") from None
     return dev
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for ``precision = "bf16"``; a no-op context otherwise.
+
+    Wraps forward passes and losses only: backward reuses the dtypes autocast chose, and bf16
+    keeps fp32's exponent range, so no gradient scaler is needed. Outside CUDA it does nothing
+    (training refuses bf16 there; decoding a bf16-trained model on CPU simply runs in fp32).
+    """
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Training in bf16 needs CUDA: on CPU, autocast would be slower and change the numbers."""
+    if precision == "bf16" and device.type != "cuda":
+        raise TrainingError(f"train.precision = 'bf16' needs a CUDA device, but this run is on "
+                            f"{device.type} (use train.precision=fp32)")
 
 
 def make_preprocess(cfg: C.Config, model: Captioner) -> Preprocessor:
@@ -247,8 +267,8 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
     bs = cfg.train.batch_size
     batches = [order[i: i + bs] for i in range(0, len(order), bs)]
     start = state.batch_in_epoch
-    bar = tqdm(total=len(batches), initial=start, desc=f"epoch {state.epoch + 1}",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=len(batches), initial=start, desc=f"epoch {state.epoch + 1}",
+                       unit="batch", disable=not progress, leave=False)
     # The batch list is fixed up front, so worker processes change speed, never the order.
     loader = DataLoader(dataset, batch_sampler=batches[start:], collate_fn=collate_captions,
                         num_workers=cfg.data.num_workers, worker_init_fn=_ignore_sigint,
@@ -268,8 +288,9 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
         # stats are computed on the step that will be logged (after the increment below)
         want_stats = (model.attention_kind == "hard"
                       and (state.step + 1) % cfg.train.log_every == 0)
-        loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats,
-                               features=getattr(dataset.source, "features", False))
+        with autocast(cfg.train.precision, device):
+            loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats,
+                                   features=getattr(dataset.source, "features", False))
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             _non_finite(cfg, state, f"loss ({loss_value})")
@@ -311,20 +332,25 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
 @torch.no_grad()
 def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: torch.device,
                    beam: int = 1, max_len: int = 20, length_norm: float = 0.0, batch_size: int = 100,
-                   mode: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Caption every good image of ``source``: one dict per image (words, attention, β, …)."""
+                   mode: str | None = None, progress: bool = True,
+                   precision: str = "fp32", no_repeat_ngram: int = 0) -> list[dict[str, Any]]:
+    """Caption every good image of ``source``: one dict per image (words, attention, β, …).
+    ``precision`` "bf16" decodes under bf16 autocast on CUDA."""
     model.eval()
     ds = ImageDataset(source)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_images)
     gh, gw = model.grid
     results = []
-    for imgs, idxs, _ in tqdm(loader, desc="decoding", disable=not progress, leave=False):
+    for imgs, idxs, _ in progress_bar(loader, desc="decoding", unit="batch", disable=not progress,
+                                      leave=False):
         if imgs is None:
             continue
         imgs = imgs.to(device)
-        # a prepared feature cache holds the annotations already
-        feats = imgs if getattr(source, "features", False) else model.encode(imgs)  # (B, L, D)
-        dec = decode(model, feats, beam=beam, max_len=max_len, length_norm=length_norm, mode=mode)
+        with autocast(precision, device):
+            # a prepared feature cache holds the annotations already
+            feats = imgs if getattr(source, "features", False) else model.encode(imgs)  # (B, L, D)
+            dec = decode(model, feats, beam=beam, max_len=max_len, length_norm=length_norm,
+                         mode=mode, no_repeat_ngram=no_repeat_ngram)
         for j, i in enumerate(idxs):
             n = int(dec.lengths[j])
             words = vocab.decode(dec.tokens[j, :n].tolist())
@@ -334,8 +360,9 @@ def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: 
                 "caption": " ".join(words),
                 "words": words,
                 "score": float(dec.scores[j]),
-                "alphas": dec.alphas[j, :n].reshape(n, gh, gw).cpu().numpy(),  # (n, h, w)
-                "betas": dec.betas[j, :n].cpu().numpy(),
+                # .float(): numpy has no bfloat16 (decoding under bf16 autocast)
+                "alphas": dec.alphas[j, :n].reshape(n, gh, gw).float().cpu().numpy(),  # (n,h,w)
+                "betas": dec.betas[j, :n].float().cpu().numpy(),
                 "locations": dec.locations[j, :n].cpu().numpy(),
             })
     return results
@@ -454,6 +481,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
                         "continue the old one)", out)
         cfg = _absolute_data_paths(cfg)
     device = resolve_device(cfg.train.device)
+    check_precision(cfg.train.precision, device)
     if device.type == "cpu":
         # Denormal floats appear in LSTM/attention gradients late in training and slow CPU
         # arithmetic by an order of magnitude; flushing them to zero costs no accuracy here.
@@ -559,7 +587,8 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             val = score_results(
                 decode_records(model, val_src, vocab, device, beam=cfg.train.val_beam,
                                max_len=cfg.eval.max_len, batch_size=cfg.eval.batch_size,
-                               progress=progress),
+                               progress=progress, precision=cfg.train.precision,
+                               no_repeat_ngram=cfg.eval.no_repeat_ngram),
                 val_recs, splits.objects.get("val"), meteor=False)
             state.epoch += 1
             state.batch_in_epoch = 0
@@ -583,7 +612,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             save_fn("last.pt")
             _plot(log_path, out)
             if progress:
-                tqdm.write(f"epoch {state.epoch}: val {cfg.train.val_metric} {metric:.4f} "
+                write(f"epoch {state.epoch}: val {cfg.train.val_metric} {metric:.4f} "
                            f"(best {state.best:.4f} @ {state.best_epoch}), "
                            f"grounding {val.get('grounding', float('nan')):.3f}, "
                            f"{state.elapsed:.0f}s")
@@ -622,9 +651,12 @@ def _plot(log_path: Path, out: Path) -> None:
             log.warning("could not draw curves: %s", exc)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu"
+def load_model(path: str | Path, device: torch.device | str = "auto"
                ) -> tuple[Captioner, Vocab, Preprocessor, C.Config, dict[str, Any]]:
-    """Model, vocabulary, preprocessing and config from one checkpoint (they travel together)."""
+    """Model, vocabulary, preprocessing and config from one checkpoint (they travel together).
+    ``device`` is a torch.device or a name for :func:`resolve_device` ("auto", "cpu", ...)."""
+    if isinstance(device, str):
+        device = resolve_device(device)
     ckpt = load_checkpoint(path)
     try:
         cfg = C.from_dict(C.Config, ckpt["config"])
@@ -665,7 +697,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
     t0 = time.time()
     results = decode_records(model, src, vocab, dev, beam=beam, max_len=cfg.eval.max_len,
                              length_norm=cfg.eval.length_norm, batch_size=cfg.eval.batch_size,
-                             progress=progress)
+                             progress=progress, precision=cfg.train.precision,
+                             no_repeat_ngram=cfg.eval.no_repeat_ngram)
     dt = time.time() - t0
     metrics = score_results(results, records, splits.objects.get(split),
                             meteor=cfg.eval.meteor if meteor is None else meteor)
@@ -682,4 +715,4 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
 
 
 __all__ = ["fit", "train_one_epoch", "evaluate_checkpoint", "decode_records", "score_results",
-           "load_model", "resolve_device", "TrainingError"]
+           "load_model", "resolve_device", "autocast", "TrainingError"]

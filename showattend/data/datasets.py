@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from showattend.data.coco import ImageRecord
 from showattend.data.images import ImageLoadError, Preprocessor
+from showattend.progress import progress_bar
 from showattend.vocab import PAD_ID, UNK_ID, Vocab
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ class ImageSource:
         self.cache: list[torch.Tensor | None] | None = None
         if cache:
             self.cache = []
-            for i, rec in enumerate(tqdm(records, desc=f"loading {desc}", disable=not progress,
-                                         leave=False)):
+            bar = progress_bar(records, desc=f"loading {desc}", unit="img", disable=not progress,
+                               leave=False)
+            for i, rec in enumerate(bar):
                 self.cache.append(self._load(i, rec))
 
     def _load(self, i: int, rec: ImageRecord) -> torch.Tensor | None:

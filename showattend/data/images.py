@@ -7,6 +7,8 @@ pixels the model sees (:meth:`Preprocessor.geometry`) and to the normalised tens
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -19,11 +21,28 @@ from PIL import Image, ImageOps
 if TYPE_CHECKING:  # torch is imported lazily so that loading images does not require it
     import torch
 
+log = logging.getLogger(__name__)
+
 RESIZE_MODES = ("stretch", "crop")
 
 # Modes whose samples do not fit in 8 bits; PIL's own convert("RGB") clips them instead of scaling.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+# Extensions Pillow registers for formats it opens but cannot decode on its own (EPS needs
+# Ghostscript; BUFR, GRIB, HDF5 and WMF need a handler plugged in) or that are not pictures.
+_NOT_DECODABLE = frozenset({".eps", ".ps", ".pdf", ".bufr", ".grib", ".h5", ".hdf", ".wmf",
+                            ".emf", ".mpg", ".mpeg"})
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions of every format :func:`load_image` reads (for folder scans)."""
+    Image.init()  # registers all plugins, so the list does not depend on what was imported
+    exts = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    # SPIDER registers no extension of its own; ".spi" is the one its users give it.
+    return frozenset((exts - _NOT_DECODABLE) | {".spi"})
 
 
 class ImageLoadError(ValueError):
@@ -58,15 +77,18 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
             if lo >= 0 and hi <= 65535
             else _scale_to_uint8(arr, float(lo), float(hi))
         )
-    else:  # "F": floats in [0, 1] are intensities; any other range is stretched to fit.
+    else:  # "F": floats in [0, 1] are intensities; whole numbers in [0, 255] are 8-bit samples
+        # stored as floats (SPIDER, float TIFF written from 8-bit data); any other range is
+        # stretched to fit.
         finite = arr[np.isfinite(arr)]
         lo = float(finite.min()) if finite.size else 0.0
         hi = float(finite.max()) if finite.size else 1.0
-        grey = (
-            _scale_to_uint8(arr, 0.0, 1.0)
-            if lo >= 0.0 and hi <= 1.0
-            else _scale_to_uint8(arr, lo, hi)
-        )
+        if lo >= 0.0 and hi <= 1.0:
+            grey = _scale_to_uint8(arr, 0.0, 1.0)
+        elif lo >= 0.0 and hi <= 255.0 and bool(np.all(finite == np.round(finite))):
+            grey = _scale_to_uint8(arr, 0.0, 255.0)
+        else:
+            grey = _scale_to_uint8(arr, lo, hi)
     return Image.fromarray(grey).convert("RGB")  # 2-D uint8 array → mode "L"
 
 
@@ -94,10 +116,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
     """Load the image at ``path`` as a fully decoded RGB image, honouring its EXIF orientation.
 
-    Animated files give their first frame. ``max_pixels`` (default: ``PIL.Image.MAX_IMAGE_PIXELS``
-    at call time; ``None`` there means no limit) guards against decompression bombs: the size is
-    checked from the header, before any pixel is decoded. Every failure (missing path, directory,
-    empty, truncated, corrupt or non-image file, too many pixels) raises :class:`ImageLoadError`.
+    Reads every format Pillow can open. Multi-image files give their first image (animated GIF /
+    WebP / APNG, multi-page TIFF, SPIDER stacks); ICO / ICNS give their largest size; PSD gives the
+    picture the document shows (see :mod:`showattend.data.psd`). ``max_pixels`` (default:
+    ``PIL.Image.MAX_IMAGE_PIXELS`` at call time; ``None`` there means no limit) guards against
+    decompression bombs: the size is checked from the header, before any pixel is decoded. Every
+    failure (missing path, directory, empty, truncated, corrupt or non-image file, too many
+    pixels) raises :class:`ImageLoadError`.
+
+    Warnings the decoders raise (bad TIFF tags, corrupt EXIF, palette transparency...) become at
+    most one log line per file on the ``showattend.data.images`` logger, never a flood on stderr.
+    ``warnings.catch_warnings`` is process-global: call this from one thread per process
+    (DataLoader workers are processes).
     """
     p = Path(path)
     try:
@@ -111,25 +141,42 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
         raise _error(p, exc.strerror or exc) from exc
 
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # record every one; we report them once, below
+        # We raise our own error for oversized images; PIL's warning would only add noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return _decode(p, limit)
+        finally:
+            _report_warnings(p, caught)
+
+
+def _decode(p: Path, limit: int | None) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # We raise our own error for oversized images; PIL's warning would only add noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                width, height = im.size
-                if limit is not None and width * height > limit:
-                    raise _error(
-                        p, f"{width}x{height} pixels exceeds the limit of {limit} "
-                        "(possible decompression bomb)"
-                    )
-                im.seek(0)  # first frame of animated GIF / WebP / APNG
+        with Image.open(p) as im:
+            width, height = im.size
+            if limit is not None and width * height > limit:
+                raise _error(
+                    p, f"{width}x{height} pixels exceeds the limit of {limit} "
+                    "(possible decompression bomb)"
+                )
+            # No seek(0): Image.open already stands on the first image, and seeking there is not
+            # a no-op everywhere (PSD numbers its layers from 1, so frame 0 is "outside sequence";
+            # a single SPIDER image refuses any seek).
+            if im.format == "PSD":
+                from showattend.data.psd import psd_image
+
+                with open(p, "rb") as f:
+                    img = psd_image(im, f)
+            else:
                 im.load()
-                try:
-                    oriented = ImageOps.exif_transpose(im)
-                except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the pixels
-                    oriented = im
-                # to_rgb copies, so nothing returned refers to the file being closed here.
-                return to_rgb(oriented)
+                img = im
+            try:
+                oriented = ImageOps.exif_transpose(img)
+            except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the pixels
+                oriented = img
+            # to_rgb copies, so nothing returned refers to the file being closed here.
+            return to_rgb(oriented)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -137,6 +184,16 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error...
         reason = str(exc) or type(exc).__name__
         raise _error(p, reason) from exc
+
+
+def _report_warnings(path: Path, caught: list[warnings.WarningMessage]) -> None:
+    """One log line for all the warnings decoding ``path`` raised (none when there were none)."""
+    messages = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
+    if not messages:
+        return
+    first = messages[0] if len(messages[0]) <= 160 else messages[0][:157] + "..."
+    more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
+    log.warning("%s: %s%s", path, first, more)
 
 
 @dataclass(frozen=True)

@@ -411,12 +411,12 @@ def _image_phase(out: Path, work: Path, existing: dict[str, Any] | None,
         if on_chunk is not None:
             on_chunk("images", done_before + computed)
 
-    from tqdm.auto import tqdm
+    from showattend.progress import progress_bar
 
     n_workers = _default_workers(cfg) if workers is None else workers
     args = (str(part), size, cfg.encoder.resize, cfg.data.min_image_side)
-    bar = tqdm(total=n, initial=done_before, desc="decoding images", unit="img",
-               disable=not progress)
+    bar = progress_bar(total=n, initial=done_before, desc="decoding images", unit="img",
+                       disable=not progress)
     try:
         if n_workers > 1 and len(tasks) > 1:
             pool = mp.get_context().Pool(min(n_workers, len(tasks)), initializer=_init_decoder,
@@ -477,8 +477,8 @@ def _feature_phase(out: Path, work: Path, existing: dict[str, Any] | None, encod
                    ) -> tuple[dict[str, Any], int, float]:
     """Compute the feature rows not yet done; returns (manifest entry, n computed, seconds)."""
     import torch
-    from tqdm.auto import tqdm
 
+    from showattend.progress import progress_bar
     from showattend.training import resolve_device
 
     settings = feature_settings(cfg, encoder)
@@ -513,8 +513,8 @@ def _feature_phase(out: Path, work: Path, existing: dict[str, Any] | None, encod
     images = np.load(out / IMAGES, mmap_mode="r")
     feats = np.lib.format.open_memmap(part, mode="r+")
     computed, t0 = 0, time.time()
-    bar = tqdm(total=len(good), initial=done_before, desc="encoding images", unit="img",
-               disable=not progress)
+    bar = progress_bar(total=len(good), initial=done_before, desc="encoding images", unit="img",
+                       disable=not progress)
     try:
         for chunk in chunks:
             x = pre.normalize(images[chunk]).to(device)  # (B, 3, H, W)

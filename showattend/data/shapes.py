@@ -230,9 +230,9 @@ def generate_shapes(
     # Drop an old manifest first: if this run is interrupted, the directory must not look done.
     (out / "manifest.json").unlink(missing_ok=True)
 
-    from tqdm.auto import tqdm  # imported here: only generation needs it
+    from showattend.progress import progress_bar  # imported here: only generation needs it
 
-    bar = tqdm(total=sum(counts.values()), desc="shapes", unit="img", disable=not progress)
+    bar = progress_bar(total=sum(counts.values()), desc="shapes", unit="img", disable=not progress)
     for split in SPLITS:
         code = _SPLIT_CODES[split]
         (out / "images" / split).mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,8 @@ class SoftAttention(nn.Module):
         return Memory(feats, self.score.precompute(feats), feats)
 
     def forward(self, mem: Memory, h: torch.Tensor, mode: str = "expectation",
-                mix: torch.Tensor | None = None) -> AttentionOutput:
+                mix: torch.Tensor | None = None, noise: torch.Tensor | None = None
+                ) -> AttentionOutput:
         alpha = torch.softmax(self.score(mem.keys, h), dim=-1)  # (B, L)
         context = torch.bmm(alpha.unsqueeze(1), mem.feats).squeeze(1)  # (B, D)
         zeros = alpha.new_zeros(alpha.shape[0])
@@ -169,7 +170,11 @@ class HardAttention(nn.Module):
         return Memory(feats, self.score.precompute(feats), self.crop_means(feats))
 
     def forward(self, mem: Memory, h: torch.Tensor, mode: str = "sample",
-                mix: torch.Tensor | None = None) -> AttentionOutput:
+                mix: torch.Tensor | None = None, noise: torch.Tensor | None = None
+                ) -> AttentionOutput:
+        """``noise`` (B,) uniform draws in [0, 1) for "sample": the location is the inverse CDF of
+        α at that draw, so a caller that draws the noise up front gets the same locations however
+        it batches or reorders the rows (the teacher-forced fast path relies on this)."""
         logits = self.score(mem.keys, h)  # (B, L)
         alpha = torch.softmax(logits, dim=-1)  # (B, L)
         log_alpha = torch.log_softmax(logits, dim=-1)  # (B, L)
@@ -180,7 +185,11 @@ class HardAttention(nn.Module):
         if mode == "argmax":
             loc = alpha.argmax(-1)  # (B,)
         elif mode == "sample":
-            loc = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B,)
+            if noise is None:
+                noise = torch.rand(len(alpha), device=alpha.device)  # (B,)
+            cdf = alpha.detach().cumsum(-1)  # (B, L)
+            # first cell whose CDF exceeds u; the clamp guards a CDF that ends just below 1
+            loc = (cdf <= noise.unsqueeze(1)).sum(-1).clamp_max(alpha.shape[1] - 1)  # (B,)
         elif mode == "mc":
             locs = torch.multinomial(alpha.detach(), self.mc_samples, replacement=True)  # (B, S)
             picked = torch.gather(mem.crops, 1, locs.unsqueeze(-1).expand(-1, -1, mem.crops.shape[-1]))

@@ -10,6 +10,7 @@ from torch import nn
 from showattend.models.attention import HardAttention, Memory, SoftAttention, build_score
 from showattend.models.decoder import Decoder
 from showattend.models.encoder import Encoder, build_encoder
+from showattend.vocab import PAD_ID
 
 
 class CaptionerOutput(NamedTuple):
@@ -83,16 +84,42 @@ class Captioner(nn.Module):
         return "sample" if self.attention_kind == "hard" else "expectation"
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor, mode: str | None = None,
-                mix: torch.Tensor | None = None, feats: torch.Tensor | None = None) -> CaptionerOutput:
-        """Teacher forcing: captions (B, T+1) = <start> w… <end> <pad>…; predicts captions[:, 1:]."""
+                mix: torch.Tensor | None = None, feats: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> CaptionerOutput:
+        """Teacher forcing: captions (B, T+1) = <start> w… <end> <pad>…; predicts captions[:, 1:].
+
+        Outputs at padded target positions are zeros (the losses mask them). ``noise`` (B, T):
+        uniform draws that fix the sampled hard-attention locations (drawn if None).
+        """
+        mode = mode or self.default_mode()
+        if feats is None:
+            feats = self.encode(images)  # (B, L, D)
+        lengths = (captions[:, 1:] != PAD_ID).sum(1)  # (B,) real target tokens
+        out = self.decoder.teacher_forced(self.memory(feats), self.decoder.init_state(feats),
+                                          captions[:, :-1], lengths, mode, mix, noise)
+        return CaptionerOutput(*out)
+
+    def forward_stepwise(self, images: torch.Tensor, captions: torch.Tensor,
+                         mode: str | None = None, mix: torch.Tensor | None = None,
+                         feats: torch.Tensor | None = None,
+                         noise: torch.Tensor | None = None) -> CaptionerOutput:
+        """Reference teacher forcing: one full ``decoder.step`` per position, padding included.
+
+        The same computation as :meth:`forward` written the slow, obvious way; the tests hold the
+        fast path to it (losses and gradients on the real positions).
+        """
         mode = mode or self.default_mode()
         if feats is None:
             feats = self.encode(images)  # (B, L, D)
         mem = self.memory(feats)
         state = self.decoder.init_state(feats)
+        b, t_in = captions.shape[0], captions.shape[1] - 1
+        if noise is None and mode == "sample":
+            noise = torch.rand(b, t_in, device=captions.device)
         logits, alphas, betas, logps, ents = [], [], [], [], []
-        for t in range(captions.shape[1] - 1):
-            out = self.decoder.step(mem, state, captions[:, t], mode, mix)
+        for t in range(t_in):
+            out = self.decoder.step(mem, state, captions[:, t], mode, mix,
+                                    noise[:, t] if noise is not None else None)
             state = out.state
             logits.append(out.logits)  # (B, V)
             alphas.append(out.attn.alpha)  # (B, L)

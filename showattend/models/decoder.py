@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from showattend.models.attention import AttentionOutput, Memory
+from showattend.vocab import PAD_ID
 
 
 class State(NamedTuple):
@@ -28,6 +29,16 @@ class StepOutput(NamedTuple):
     state: State
     attn: AttentionOutput
     beta: torch.Tensor  # (B,) mean gate value (per-channel gates are averaged for reporting)
+
+
+class TeacherForced(NamedTuple):
+    """Outputs over all B·T positions; positions past a caption's end hold zeros."""
+
+    logits: torch.Tensor  # (B, T, V)
+    alphas: torch.Tensor  # (B, T, L)
+    betas: torch.Tensor  # (B, T)
+    log_probs: torch.Tensor  # (B, T)
+    entropies: torch.Tensor  # (B, T)
 
 
 class Decoder(nn.Module):
@@ -60,21 +71,99 @@ class Decoder(nn.Module):
         mean = feats.mean(1)  # (B, D)
         return State(torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
 
-    def step(self, mem: Memory, state: State, prev: torch.Tensor, mode: str,
-             mix: torch.Tensor | None = None) -> StepOutput:
-        """One word: prev (B,) token ids of y_{t-1} → logits for y_t."""
-        emb = self.embed(prev)  # (B, E)
-        attn = self.attention(mem, state.h, mode=mode, mix=mix)
+    def _gated_context(self, mem: Memory, h: torch.Tensor, mode: str, mix: torch.Tensor | None,
+                       noise: torch.Tensor | None) -> tuple[AttentionOutput, torch.Tensor,
+                                                             torch.Tensor]:
+        """Attention at state h (B, N): (attention output, β·z (B, D), β reported (B,))."""
+        attn = self.attention(mem, h, mode=mode, mix=mix, noise=noise)
         z = attn.context  # (B, D)
         if self.beta_mode != "none":
-            gate = torch.sigmoid(self.f_beta(state.h))  # (B, 1) or (B, D)
-            z = gate * z
-            beta = gate.mean(-1)  # (B,)
-        else:
-            beta = z.new_ones(z.shape[0])
-        h, c = self.lstm(torch.cat([emb, z], dim=1), state)  # (B, N)
+            gate = torch.sigmoid(self.f_beta(h))  # (B, 1) or (B, D)
+            return attn, gate * z, gate.mean(-1)
+        return attn, z, z.new_ones(z.shape[0])
+
+    def _output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Deep output: (P, E), (P, N), (P, D) → logits (P, V) for any number P of positions."""
         if self.deep_output:
-            logits = self.L_o(self.dropout(emb + self.L_h(h) + self.L_z(z)))  # (B, V)
-        else:
-            logits = self.L_o(self.dropout(h))  # (B, V)
-        return StepOutput(logits, State(h, c), attn, beta)
+            return self.L_o(self.dropout(emb + self.L_h(h) + self.L_z(z)))
+        return self.L_o(self.dropout(h))
+
+    def step(self, mem: Memory, state: State, prev: torch.Tensor, mode: str,
+             mix: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> StepOutput:
+        """One word: prev (B,) token ids of y_{t-1} → logits for y_t."""
+        emb = self.embed(prev)  # (B, E)
+        attn, z, beta = self._gated_context(mem, state.h, mode, mix, noise)
+        h, c = self.lstm(torch.cat([emb, z], dim=1), state)  # (B, N)
+        return StepOutput(self._output(emb, h, z), State(h, c), attn, beta)
+
+    def teacher_forced(self, mem: Memory, state: State, inputs: torch.Tensor,
+                       lengths: torch.Tensor, mode: str, mix: torch.Tensor | None = None,
+                       noise: torch.Tensor | None = None) -> TeacherForced:
+        """All steps of teacher forcing with only the recurrence in the Python loop.
+
+        inputs (B, T) = y_0 … y_{T-1}; lengths (B,) = real steps per caption (the rest is padding);
+        noise (B, T) uniform draws for sampled hard attention (drawn here if None).
+        The word-embedding part of the LSTM input, the deep output and the vocabulary projection
+        do not feed back into the recurrence, so they run once over all real positions as large
+        matmuls. Captions are processed longest first and the active batch shrinks as they end, so
+        padded positions cost nothing; outputs come back in the caller's order.
+        """
+        b, t_in = inputs.shape
+        n_hid = self.lstm.hidden_size
+        order = torch.argsort(lengths, descending=True, stable=True)  # (B,)
+        lens = lengths[order].tolist()
+        steps = lens[0] if lens else 0
+        active = [sum(1 for n in lens if n > t) for t in range(steps)]  # rows alive at step t
+        emb = self.embed(inputs[order])  # (B, T, E)
+        e_dim = emb.shape[-1]
+        w_ih, w_hh = self.lstm.weight_ih, self.lstm.weight_hh  # (4N, E + D), (4N, N)
+        bias = self.lstm.bias_ih + self.lstm.bias_hh  # (4N,)
+        x_emb = torch.addmm(bias, emb.reshape(b * t_in, e_dim), w_ih[:, :e_dim].t())
+        x_emb = x_emb.reshape(b, t_in, 4 * n_hid)  # (B, T, 4N): the embedding half of the gates
+        w_z, w_hh_t = w_ih[:, e_dim:].t(), w_hh.t()  # (D, 4N), (N, 4N)
+        mem = Memory(*(x[order] for x in mem))
+        h, c = state.h[order], state.c[order]  # (B, N)
+        mix = mix[order] if mix is not None else None
+        if noise is None and mode == "sample":
+            noise = torch.rand(b, t_in, device=inputs.device)
+        noise = noise[order] if noise is not None else None
+        hs, zs, alphas, betas, logps, ents = [], [], [], [], [], []
+        for t in range(steps):
+            n = active[t]
+            if n < h.shape[0]:  # captions sorted longest first: the live rows are a prefix
+                h, c = h[:n], c[:n]
+                mem = Memory(*(x[:n] for x in mem))
+                mix = mix[:n] if mix is not None else None
+            attn, z, beta = self._gated_context(mem, h, mode, mix,
+                                                noise[:n, t] if noise is not None else None)
+            gates = torch.addmm(torch.addmm(x_emb[:n, t], z, w_z), h, w_hh_t)  # (n, 4N)
+            i, f, g, o = gates.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (n, N)
+            h = torch.sigmoid(o) * torch.tanh(c)  # (n, N)
+            hs.append(h)
+            zs.append(z)
+            alphas.append(attn.alpha)
+            betas.append(beta)
+            logps.append(attn.log_prob)
+            ents.append(attn.entropy)
+        # packed positions, time-major: row r of step t is caption order[r] at position t
+        rows = torch.cat([torch.arange(n, device=inputs.device) for n in active]) if steps else \
+            torch.zeros(0, dtype=torch.long, device=inputs.device)  # (P,)
+        cols = torch.cat([torch.full((n,), t, device=inputs.device, dtype=torch.long)
+                          for t, n in enumerate(active)]) if steps else rows  # (P,)
+        logits_p = self._output(emb[rows, cols], torch.cat(hs) if hs else h[:0],
+                                torch.cat(zs) if zs else mem.feats[:0, 0])  # (P, V)
+        dst_b, dst_t = order[rows], cols  # where each packed position goes in (B, T)
+
+        def scatter(packed: list[torch.Tensor], *tail: int) -> torch.Tensor:
+            full = packed[0].new_zeros(b, t_in, *tail) if packed else logits_p.new_zeros(
+                b, t_in, *tail)
+            if packed:
+                full = full.index_put((dst_b, dst_t), torch.cat(packed))
+            return full
+
+        logits = logits_p.new_zeros(b, t_in, logits_p.shape[-1]).index_put((dst_b, dst_t),
+                                                                            logits_p)
+        n_cells = mem.feats.shape[1]
+        return TeacherForced(logits, scatter(alphas, n_cells), scatter(betas), scatter(logps),
+                             scatter(ents))
