@@ -132,7 +132,7 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     h_alpha = feats.new_zeros(steps, b * k, n_cells)
     h_beta = feats.new_zeros(steps, b * k)
     h_loc = torch.zeros(steps, b * k, dtype=torch.long, device=dev)
-    final = feats.new_zeros(b, k)  # scores of the finished beams
+    final = torch.zeros(b, k, device=dev)  # scores of the finished beams (fp32 logp)
     final_len = torch.zeros(b, k, dtype=torch.long, device=dev)  # words before <end>
     last = torch.zeros(b, dtype=torch.long, device=dev)  # step at which each image finished
 
@@ -140,7 +140,7 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     feats_k = feats.repeat_interleave(k, 0)  # (B·K, L, D)
     mem = model.memory(feats_k)
     state = model.decoder.init_state(feats_k)
-    scores = feats.new_zeros(b, k)
+    scores = torch.zeros(b, k, device=dev)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     prev = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)
     done = torch.zeros(b * k, dtype=torch.bool, device=dev)
@@ -167,8 +167,8 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
         rows = (work.unsqueeze(1) * k + torch.arange(k, device=dev)).reshape(-1)  # global rows
         h_tok[t, rows] = tok
         h_from[t, rows] = rows[origin]
-        h_alpha[t, rows] = out.attn.alpha[origin]
-        h_beta[t, rows] = out.beta[origin]
+        h_alpha[t, rows] = out.attn.alpha[origin].to(h_alpha.dtype)  # bf16 under autocast
+        h_beta[t, rows] = out.beta[origin].to(h_beta.dtype)
         h_loc[t, rows] = out.attn.location[origin]
         n_words = n_words[origin] + ((~done[origin]) & (tok != END_ID)).long()
         done = done[origin] | (tok == END_ID)
