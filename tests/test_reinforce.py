@@ -193,9 +193,8 @@ def test_baseline_update_rule_through_train_step(monkeypatch, mix_mode):
         assert kinds == ["sampled"] * 10
 
 
-def test_baseline_is_carried_between_steps_and_moves_towards_rewards():
-    """Without a spy: the state's baseline after many steps sits between its first value and the
-    current rewards, and never equals its first value (it is updated every step)."""
+def test_baseline_changes_every_sampled_step():
+    """Without a spy: train_step leaves a float baseline in the state, a new one every step."""
     model = tiny_model("hard")
     imgs, caps = tiny_batch(b=8)
     cfg = replace(Config(), hard={"mix_mode": "off", "lambda_e": 0.0})
@@ -203,10 +202,10 @@ def test_baseline_is_carried_between_steps_and_moves_towards_rewards():
     torch.manual_seed(0)
     seen = []
     for _ in range(5):
-        _, rec = T.train_step(model, imgs, caps, cfg, state)
+        T.train_step(model, imgs, caps, cfg, state)
         seen.append(state.baseline)
     assert all(isinstance(b, float) for b in seen)
-    assert len(set(seen)) == 5  # a new value every step
+    assert len(set(seen)) == 5
 
 
 # ---------------------------------------------------------------------------------------------
