@@ -611,6 +611,37 @@ def test_sigkill_during_write_leaves_old_file(tmp_path):
     assert target.read_bytes() == b'{"old": true}\n'
 
 
+def test_stale_temp_files_of_interrupted_writes_are_removed_at_start(trained_run, tmp_path):
+    """A write cut short by SIGKILL leaves its temp file; the next start (here a resume with
+    nothing left to train) removes it and leaves the real files as they were."""
+    cfg, out, _ = trained_run
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    script = textwrap.dedent(f"""
+        import os, signal
+        from showattend.io import atomic_write
+        with atomic_write({str(out / "last.pt")!r}) as fh:
+            fh.write(b"half a checkpoint")
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    stale = [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # the name an interrupted atomic write really leaves: .<target>.<random>.tmp
+    assert len(stale) == 1 and stale[0].name.startswith(".last.pt.")
+    assert stale[0].read_bytes() == b"half a checkpoint"
+    other = out / "notes.tmp"  # not a temp file of ours (no leading dot): left alone
+    other.write_text("mine")
+    result = run_fit(cfg, resume=True, evaluate_test=False)
+    assert result.epochs == 1
+    assert not stale[0].exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert other.read_text() == "mine"
+    for name, data in before.items():
+        assert (out / name).read_bytes() == data, name
+    assert load_checkpoint(out / "last.pt")["train_state"]["epoch"] == 1
+
+
 def test_training_outputs_are_written_atomically(quiet, shapes_data, tmp_path, monkeypatch):
     """Every file a run writes goes through io.atomic_write (temp file, fsync, rename)."""
     import showattend.io as sio
