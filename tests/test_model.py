@@ -145,7 +145,7 @@ def test_beam_caption_scores_and_maps_match_teacher_forcing(attention):
     mode = "argmax" if attention == "hard" else "expectation"
     for i in range(6):
         n = int(out.lengths[i])
-        caps = torch.cat([torch.tensor([START_ID]), out.tokens[i, : n + 1]]).unsqueeze(0)  # (1, n+2)
+        caps = torch.cat([torch.tensor([START_ID]), out.tokens[i, : n + 1]])[None]  # (1, n+2)
         with torch.no_grad():
             tf = model(None, caps, mode=mode, feats=feats[i: i + 1])
         logp = torch.log_softmax(tf.logits[0], -1)  # (n+1, V)

@@ -97,7 +97,8 @@ def test_toy_baseline_reduces_variance_of_reinforce_loss_gradient():
     # the estimator itself: g_s = (r_s − b) ∇θ log α_s = (r_s − b)(e_s − α), one word per caption
     eye = torch.eye(len(alpha))
     for g, b in ((g0, 0.0), (gb, b_moving)):
-        torch.testing.assert_close(g, (reward - b).unsqueeze(1) * (eye - alpha), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g, (reward - b).unsqueeze(1) * (eye - alpha), atol=1e-6,
+                                   rtol=1e-5)
     # same mean (any constant baseline is unbiased), far smaller spread with the moving baseline
     torch.testing.assert_close((alpha.unsqueeze(1) * g0).sum(0), (alpha.unsqueeze(1) * gb).sum(0),
                                atol=1e-6, rtol=1e-5)
