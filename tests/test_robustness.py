@@ -863,11 +863,12 @@ def test_hard_run_killed_and_resumed_is_bit_identical(quiet, shapes_data, tmp_pa
     cfg = tiny_cfg(tmp_path, shapes_data, *hard, out="run")
     out = tmp_path / "run"
     # 1) SIGTERM at batch 4 of 6 of epoch 1: a mid-epoch checkpoint (baseline, RNG, position)
+    real_step = T.train_step
     quiet.setattr(T, "train_step", _signal_at(4, signal.SIGTERM))
     assert run_fit(cfg, evaluate_test=False).interrupted
     state = load_checkpoint(out / "last.pt")["train_state"]
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 4) and state["baseline"] is not None
-    quiet.undo()
+    quiet.setattr(T, "train_step", real_step)
     # 2) the console script resumes and is SIGKILLed during epoch 2 (no handler, no save): the
     # next resume starts from the end of epoch 1 and drops the log lines written after it
     env = {**os.environ, "PATH": str(tmp_path / "no-java")}
