@@ -204,10 +204,15 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     ds = (doubly_stochastic(out.alphas[~sampled], mask[~sampled]) if bool((~sampled).any())
           else out.alphas.new_zeros(()))
     baseline = state.baseline
-    if baseline is None:  # start the moving average at the first rewards, not at 0
+    if baseline is None and bool(sampled.any()):
+        # start the moving average at the first rewards, not at 0 — of the sampled captions only,
+        # like every later update (expected-context captions are not draws of the estimator)
         with torch.no_grad():
             baseline = float(-torch.nn.functional.cross_entropy(
-                out.logits.transpose(1, 2), targets, ignore_index=PAD_ID, reduction="none").sum(1).mean())
+                out.logits.transpose(1, 2), targets, ignore_index=PAD_ID,
+                reduction="none").sum(1)[sampled].mean())
+    if baseline is None:  # no sampled caption yet: the advantages are all masked to 0 anyway
+        baseline = 0.0
     hl = reinforce_loss(out.logits, targets, out.log_probs, out.entropies, baseline, h.lambda_r,
                         h.lambda_e, sampled)
     loss = hl.loss + cfg.train.alpha_c * ds

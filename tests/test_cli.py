@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +32,27 @@ def test_train_writes_run_directory(trained):
     assert len(results) == 12 and {"image_id", "caption"} <= set(results[0])
 
 
+def copy_run(trained, tmp_path: Path) -> Path:
+    """A private copy of the session's run: tests that write into a run change the copy only, so
+    no test's expectations depend on which tests ran before it."""
+    _, run = trained
+    return Path(shutil.copytree(run, tmp_path / "run_copy"))
+
+
+def _val_epochs(run: Path) -> list[int]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in recs if r["kind"] == "val"]
+
+
 def test_resume_continues_to_more_epochs(trained, tmp_path):
     tmp, run = trained
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    copy = copy_run(trained, tmp_path)
     cfg = write_config(tmp)
-    assert main(["-q", "train", "--config", str(cfg), "--resume", "--train.epochs=3"]) == 0
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in recs if r["kind"] == "val"] == [1, 2, 3]
+    assert main(["-q", "train", "--config", str(cfg), "--resume", "--train.epochs=3",
+                 f"--out_dir={copy}"]) == 0
+    assert _val_epochs(copy) == [1, 2, 3]
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # the shared run untouched
 
 
 def test_caption_json_and_overlays(trained, tmp_path, capsys):
@@ -187,11 +203,12 @@ def test_overlays_of_same_named_images_do_not_collide(trained, tmp_path):
 
 
 def test_evaluate_run_dir_from_elsewhere_keeps_run_summary(trained, tmp_path, monkeypatch, capsys):
-    tmp, run = trained
+    run = copy_run(trained, tmp_path)  # evaluate writes next to the checkpoint
+    (tmp_path / "elsewhere").mkdir()
     summary = (run / "metrics.json").read_bytes()
-    monkeypatch.chdir(tmp_path)  # data paths in the checkpoint are absolute: nothing regenerated
+    monkeypatch.chdir(tmp_path / "elsewhere")  # data paths in the checkpoint are absolute
     assert main(["-q", "evaluate", "--checkpoint", str(run), "--beam", "1", "--no-meteor"]) == 0
-    assert not (tmp_path / "runs").exists() and not list(tmp_path.iterdir())
+    assert not list((tmp_path / "elsewhere").iterdir())  # nothing regenerated here
     assert (run / "metrics_test_beam1.json").is_file() and (run / "results_test_beam1.json").is_file()
     assert (run / "metrics.json").read_bytes() == summary  # the run's headline figures stay
     assert oct((run / "metrics_test_beam1.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())

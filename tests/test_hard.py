@@ -79,7 +79,10 @@ def _estimate(theta, W, y, samples, baseline):
     return gt, gw
 
 
-def test_score_function_estimator_is_unbiased_and_baseline_reduces_variance():
+def test_score_function_estimator_is_unbiased():
+    """reinforce_loss's gradient averages to ∇ E_s[log p(y|s)], with and without a baseline.
+    (That the baseline reduces its variance is tested through reinforce_loss and train_step in
+    test_reinforce.py: unbiasedness cannot tell a baseline from none.)"""
     theta, W, y = _toy()
     alpha = torch.softmax(theta, 0)
     logp_y = torch.log_softmax(W, 1)[:, y]  # (n_loc,) reward of each location
@@ -93,14 +96,6 @@ def test_score_function_estimator_is_unbiased_and_baseline_reduces_variance():
         # Monte-Carlo standard error at n=2e5 is ~3e-3 here; tolerance 1e-2
         torch.testing.assert_close(gt, exact[0], atol=1e-2, rtol=0)
         torch.testing.assert_close(gw, exact[1], atol=1e-2, rtol=0)
-    # variance of the single-sample θ-gradient, exactly over all locations, with and without b
-    def variance(b):
-        total = torch.zeros(())
-        for s in range(len(alpha)):
-            g = (logp_y[s] - b) * (torch.nn.functional.one_hot(torch.tensor(s), len(alpha)) - alpha)
-            total = total + alpha[s] * ((g - exact[0]) ** 2).sum()
-        return float(total)
-    assert variance(mean_reward) < 0.5 * variance(0.0)
 
 
 def test_without_mixing_attention_learns_only_through_score_function():

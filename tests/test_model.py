@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,9 @@ from conftest import tiny_batch, tiny_model
 from showattend.decoding import beam_search, greedy
 from showattend.losses import doubly_stochastic, masked_cross_entropy
 from showattend.models.attention import SCORES
+from showattend.models.captioner import Captioner
+from showattend.models.encoder import build_encoder
+from showattend.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 SCORE_NAMES = sorted(SCORES)
 
@@ -87,13 +92,36 @@ def test_beam_one_equals_greedy(attention):
     torch.testing.assert_close(g.alphas, b.alphas)
 
 
+def image_dependent_model(attention: str = "soft") -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny model and annotations (6, 16, 18) for which every image gets its own caption.
+
+    The untrained tiny model captions every image alike (its logits are dominated by the
+    previous word), so a beam search that mixed up the images of a batch would go unnoticed. Here
+    the annotations differ strongly between images and the decoder's state and context paths are
+    scaled up, so the image decides the words.
+    """
+    model = tiny_model(attention, vocab_size=12).eval()
+    if attention == "hard":
+        model.test_mode = "argmax"
+    with torch.no_grad():
+        for name, p in model.decoder.named_parameters():
+            if name.startswith(("L_z", "L_h", "init_", "lstm")):
+                p.mul_(3.0)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(6, 16, 18, generator=g) * 2  # (B, L, D): 16 cells of 16+2 channels
+    return model, feats
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
 @pytest.mark.parametrize("beam", [2, 4])
-def test_batched_beam_equals_one_by_one(beam):
-    model = tiny_model(vocab_size=12).eval()
-    imgs, _ = tiny_batch(b=5, vocab_size=12)
-    feats = model.encode(imgs)
+def test_batched_beam_equals_one_by_one(attention, beam):
+    """Each image of a batch gets exactly the caption, score and maps it gets alone — with
+    captions that differ between images, so images mixed up inside the batch would show."""
+    model, feats = image_dependent_model(attention)
     batched = beam_search(model, feats, beam=beam, max_len=10)
-    for i in range(5):
+    captions = {tuple(batched.tokens[i, : int(batched.lengths[i])].tolist()) for i in range(6)}
+    assert len(captions) >= 4, captions  # the premise: the image decides the caption
+    for i in range(6):
         single = beam_search(model, feats[i: i + 1], beam=beam, max_len=10)
         n = int(single.lengths[0])
         assert int(batched.lengths[i]) == n
@@ -101,6 +129,33 @@ def test_batched_beam_equals_one_by_one(beam):
         torch.testing.assert_close(batched.scores[i], single.scores[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batched.alphas[i, : n + 1], single.alphas[0, : n + 1],
                                    rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched.betas[i, : n + 1], single.betas[0, : n + 1],
+                                   rtol=1e-5, atol=1e-6)
+        assert torch.equal(batched.locations[i, : n + 1], single.locations[0, : n + 1])
+    # a batch in another order gives the same captions, reordered the same way
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    shuffled = beam_search(model, feats[perm], beam=beam, max_len=10)
+    assert torch.equal(shuffled.lengths, batched.lengths[perm])
+    assert torch.equal(shuffled.tokens, batched.tokens[perm])
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_beam_caption_scores_and_maps_match_teacher_forcing(attention):
+    """Re-scoring each returned caption with the model (teacher forcing) gives the beam's score
+    and attention maps: catches hypotheses whose words, state or history were reordered apart
+    (batched == one-by-one cannot: a bug inside one image's beams is the same in both)."""
+    model, feats = image_dependent_model(attention)
+    out = beam_search(model, feats, beam=3, max_len=10)
+    mode = "argmax" if attention == "hard" else "expectation"
+    for i in range(6):
+        n = int(out.lengths[i])
+        caps = torch.cat([torch.tensor([START_ID]), out.tokens[i, : n + 1]])[None]  # (1, n+2)
+        with torch.no_grad():
+            tf = model(None, caps, mode=mode, feats=feats[i: i + 1])
+        logp = torch.log_softmax(tf.logits[0], -1)  # (n+1, V)
+        score = logp.gather(1, caps[0, 1:].unsqueeze(1)).sum()
+        torch.testing.assert_close(out.scores[i], score, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.alphas[i, : n + 1], tf.alphas[0], rtol=1e-5, atol=1e-6)
 
 
 def test_beam_never_worse_than_greedy_and_always_ends():
@@ -116,13 +171,65 @@ def test_beam_never_worse_than_greedy_and_always_ends():
     assert (b.tokens[rows, b.lengths] == 2).all()
 
 
-def test_beam_length_normalisation_prefers_longer():
-    model = tiny_model(vocab_size=12).eval()
-    imgs, _ = tiny_batch(b=8, vocab_size=12)
-    feats = model.encode(imgs)
-    raw = beam_search(model, feats, beam=5, max_len=8, length_norm=0.0)
-    norm = beam_search(model, feats, beam=5, max_len=8, length_norm=1.0)
-    assert norm.lengths.float().mean() >= raw.lengths.float().mean()
+# word ids of the hand-made bigram model below (0-3 are <pad>, <start>, <end>, <unk>)
+A, B, C, D, E = 4, 5, 6, 7, 8
+
+
+def bigram_model() -> torch.nn.Module:
+    """A real Captioner whose weights are set by hand so that p(next word) depends only on the
+    previous word: embedding = identity, L_h = L_z = 0, L_o = a table of log-probabilities.
+
+    From <start>: "A" (0.58) or "B" (0.39); after A, <end> (0.9); B → C → D → E → <end>, each
+    0.97. So "A" (log p = -0.650) beats "B C D E" (log p = -1.064) on raw log-probability, but
+    per token (÷ 2 vs ÷ 5 with <end>) the long caption wins: -0.325 vs -0.213.
+    """
+    v = 12
+    enc = build_encoder("shapes_cnn", grid=4, channels=16, coords=True)
+    model = Captioner.build(enc, v, attention="soft", attn_dim=8, embed_dim=v, hidden_dim=8,
+                            dropout=0.0).eval()
+    table = torch.full((v, v), 1e-3)  # table[next, prev] = p(next | prev), before normalising
+    table[:, START_ID] = 0.03 / (v - 4)
+    table[A, START_ID], table[B, START_ID] = 0.58, 0.39
+    table[:, A] = 0.1 / (v - 3)
+    table[END_ID, A] = 0.9
+    for prev, nxt in ((B, C), (C, D), (D, E), (E, END_ID)):
+        table[:, prev] = 0.03 / (v - 3)
+        table[nxt, prev] = 0.97
+    for prev in (END_ID, UNK_ID, *range(E + 1, v)):
+        table[:, prev] = 0.1 / (v - 3)
+        table[END_ID, prev] = 0.9
+    for col in range(v):  # <pad> and <start> are never generated: drop them from the table
+        table[PAD_ID, col] = table[START_ID, col] = 0.0
+        table[:, col] /= table[:, col].sum()
+    dec = model.decoder
+    with torch.no_grad():
+        dec.embed.weight.copy_(torch.eye(v))
+        dec.L_h.weight.zero_()
+        dec.L_h.bias.zero_()
+        dec.L_z.weight.zero_()
+        dec.L_o.weight.copy_(table.clamp_min(1e-30).log())
+        dec.L_o.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("length_norm, words", [
+    (0.0, [A]),  # raw log p: -0.650 vs -1.064
+    (0.5, [A]),  # ÷ √(n+1): -0.460 vs -0.476
+    (1.0, [B, C, D, E]),  # ÷ (n+1): -0.325 vs -0.213
+])
+def test_beam_length_normalisation_picks_the_longer_caption(length_norm, words):
+    """A short and a long caption compete; length_norm decides which one the beam returns."""
+    model = bigram_model()
+    feats = model.encode(torch.rand(3, 3, 32, 32))  # the bigram model ignores the image
+    out = beam_search(model, feats, beam=2, max_len=8, length_norm=length_norm)
+    n = len(words)
+    assert out.lengths.tolist() == [n] * 3
+    assert out.tokens[:, : n + 1].tolist() == [words + [END_ID]] * 3
+    assert (out.tokens[:, n + 1:] == PAD_ID).all()
+    expected = math.log(0.58) + math.log(0.9) if n == 1 else math.log(0.39) + 4 * math.log(0.97)
+    torch.testing.assert_close(out.scores, torch.full((3,), expected), atol=1e-4, rtol=0)
+    # greedy follows the most likely first word
+    assert greedy(model, feats, max_len=8).tokens[:, :2].tolist() == [[A, END_ID]] * 3
 
 
 def test_save_load_identical_outputs(tmp_path):

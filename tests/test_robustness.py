@@ -611,6 +611,37 @@ def test_sigkill_during_write_leaves_old_file(tmp_path):
     assert target.read_bytes() == b'{"old": true}\n'
 
 
+def test_stale_temp_files_of_interrupted_writes_are_removed_at_start(trained_run, tmp_path):
+    """A write cut short by SIGKILL leaves its temp file; the next start (here a resume with
+    nothing left to train) removes it and leaves the real files as they were."""
+    cfg, out, _ = trained_run
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    script = textwrap.dedent(f"""
+        import os, signal
+        from showattend.io import atomic_write
+        with atomic_write({str(out / "last.pt")!r}) as fh:
+            fh.write(b"half a checkpoint")
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    stale = [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # the name an interrupted atomic write really leaves: .<target>.<random>.tmp
+    assert len(stale) == 1 and stale[0].name.startswith(".last.pt.")
+    assert stale[0].read_bytes() == b"half a checkpoint"
+    other = out / "notes.tmp"  # not a temp file of ours (no leading dot): left alone
+    other.write_text("mine")
+    result = run_fit(cfg, resume=True, evaluate_test=False)
+    assert result.epochs == 1
+    assert not stale[0].exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert other.read_text() == "mine"
+    for name, data in before.items():
+        assert (out / name).read_bytes() == data, name
+    assert load_checkpoint(out / "last.pt")["train_state"]["epoch"] == 1
+
+
 def test_training_outputs_are_written_atomically(quiet, shapes_data, tmp_path, monkeypatch):
     """Every file a run writes goes through io.atomic_write (temp file, fsync, rename)."""
     import showattend.io as sio
@@ -795,6 +826,75 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     m.pop("decode_images_per_s"), r.pop("decode_images_per_s")
     assert m == r
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no stale temp files
+
+
+def _signal_at(call: int, sig: int):
+    """train_step wrapper that sends ``sig`` to this process at its ``call``-th call."""
+    real_step = T.train_step
+    calls = {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), sig)
+        return real_step(*a, **k)
+
+    return step
+
+
+def _train_records(out: Path) -> int:
+    log = out / "metrics.jsonl"
+    return log.read_text().count('"kind": "train"') if log.exists() else 0
+
+
+@pytest.mark.parametrize("mix", ["off", "batch", "sample"])
+def test_hard_run_killed_and_resumed_is_bit_identical(quiet, shapes_data, tmp_path, mix):
+    """A hard-attention run carries more than weights and optimiser: the REINFORCE baseline and
+    the RNG stream that draws locations (and, with mixing, which batches or captions use the
+    expected context). Stopped by SIGTERM mid-epoch 1, resumed by the real CLI and SIGKILLed in
+    epoch 2, resumed again: it ends bit-identical to a run never interrupted."""
+    hard = ("--attention.kind=hard", f"--hard.mix_mode={mix}", "--hard.lambda_r=0.05",
+            "--hard.lambda_e=0.001")
+    ref_cfg = tiny_cfg(tmp_path, shapes_data, *hard, out="ref")
+    run_fit(ref_cfg, evaluate_test=False)
+    ref = tmp_path / "ref"
+    assert load_checkpoint(ref / "last.pt")["train_state"]["baseline"] < 0  # the REINFORCE path ran
+
+    cfg = tiny_cfg(tmp_path, shapes_data, *hard, out="run")
+    out = tmp_path / "run"
+    # 1) SIGTERM at batch 4 of 6 of epoch 1: a mid-epoch checkpoint (baseline, RNG, position)
+    real_step = T.train_step
+    quiet.setattr(T, "train_step", _signal_at(4, signal.SIGTERM))
+    assert run_fit(cfg, evaluate_test=False).interrupted
+    state = load_checkpoint(out / "last.pt")["train_state"]
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 4) and state["baseline"] is not None
+    quiet.setattr(T, "train_step", real_step)
+    # 2) the console script resumes and is SIGKILLed during epoch 2 (no handler, no save): the
+    # next resume starts from the end of epoch 1 and drops the log lines written after it
+    env = {**os.environ, "PATH": str(tmp_path / "no-java")}
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.Popen([str(EXE), "-q", "train", "--config", str(tmp_path / "run.toml"),
+                             *hard, "--resume"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None and _train_records(out) < 8:  # 6 per epoch
+            time.sleep(0.01)
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+    state = load_checkpoint(out / "last.pt")["train_state"]
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 0
+    assert _train_records(out) >= 8  # lines of epoch 2 that the resume must drop
+    # 3) resumed to the end
+    result = run_fit(cfg, resume=True, evaluate_test=False)
+    assert result.epochs == 2 and not result.interrupted
+    assert_same_training_state(out / "last.pt", ref / "last.pt")  # incl. baseline and RNG
+    for k, v in load_checkpoint(ref / "best.pt")["model"].items():
+        assert torch.equal(load_checkpoint(out / "best.pt")["model"][k], v), k
+    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(ref / "metrics.jsonl")
 
 
 # =============================================================================================
