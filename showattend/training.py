@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from showattend import config as C
+from showattend import distributed as D
 from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from showattend.data.coco import ImageRecord
 from showattend.data.datasets import (CaptionDataset, ImageDataset, ImageSource, Splits,
@@ -166,22 +167,25 @@ def _mix_for_batch(cfg: C.HardConfig, b: int, device: torch.device) -> tuple[str
 
 
 def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.Config,
-               state: TrainState, stats: bool = False, features: bool = False
-               ) -> tuple[torch.Tensor, dict[str, float]]:
+               state: TrainState, stats: bool = False, features: bool = False,
+               dist: D.Dist = D.SINGLE) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch (not yet backpropagated) and its logged statistics.
 
     ``features=True``: ``imgs`` are cached annotations (B, L, D) and the encoder is skipped.
+    ``model`` may be wrapped in DistributedDataParallel; under torchrun ``dist`` makes the
+    REINFORCE baseline follow the mean reward of the whole global batch, on every rank alike.
     """
+    core = D.unwrap(model)
     targets = caps[:, 1:]  # (B, T)
     mask = targets != PAD_ID
-    if model.attention_kind == "soft":
+    if core.attention_kind == "soft":
         out = model(imgs, caps, feats=imgs if features else None)
         ce = masked_cross_entropy(out.logits, targets)
         ds = doubly_stochastic(out.alphas, mask)
         loss = ce + cfg.train.alpha_c * ds
         return loss, {"loss": loss.item(), "ce": ce.item(), "ds": ds.item()}
     h = cfg.hard
-    feats = imgs if features else model.encode(imgs)  # (B, L, D)
+    feats = imgs if features else core.encode(imgs)  # (B, L, D)
     if h.n_samples > 1:
         feats = feats.repeat_interleave(h.n_samples, 0)  # (B·N, L, D)
         caps = caps.repeat_interleave(h.n_samples, 0)
@@ -204,20 +208,24 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     ds = (doubly_stochastic(out.alphas[~sampled], mask[~sampled]) if bool((~sampled).any())
           else out.alphas.new_zeros(()))
     baseline = state.baseline
-    if baseline is None and bool(sampled.any()):
+    if baseline is None:
         # start the moving average at the first rewards, not at 0 — of the sampled captions only,
         # like every later update (expected-context captions are not draws of the estimator)
         with torch.no_grad():
-            baseline = float(-torch.nn.functional.cross_entropy(
+            r0 = -torch.nn.functional.cross_entropy(
                 out.logits.transpose(1, 2), targets, ignore_index=PAD_ID,
-                reduction="none").sum(1)[sampled].mean())
-    if baseline is None:  # no sampled caption yet: the advantages are all masked to 0 anyway
+                reduction="none").sum(1)[sampled]  # (S,)
+        r_sum, r_cnt = D.all_sum([float(r0.sum()), float(len(r0))], dist)
+        # no sampled caption yet: the advantages are all masked to 0 anyway
+        baseline = r_sum / r_cnt if r_cnt else None
+    if baseline is None:
         baseline = 0.0
     hl = reinforce_loss(out.logits, targets, out.log_probs, out.entropies, baseline, h.lambda_r,
                         h.lambda_e, sampled)
     loss = hl.loss + cfg.train.alpha_c * ds
-    if bool(sampled.any()):
-        r = float(hl.reward[sampled].mean())
+    r_sum, r_cnt = D.all_sum([float(hl.reward[sampled].sum()), float(sampled.sum())], dist)
+    if r_cnt:
+        r = r_sum / r_cnt  # mean reward of the sampled captions (of the global batch)
         if math.isfinite(r):  # one non-finite batch (skipped by nan_policy) must not poison b
             state.baseline = h.baseline_decay * baseline + (1 - h.baseline_decay) * r
     rec = {"loss": float(loss.detach()), "ce": float(hl.ce.detach()), "reward": float(hl.reward.mean()),
@@ -226,7 +234,7 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     if bool((~sampled).any()):  # the penalty exists only for expected-context captions
         rec["ds"] = float(ds.detach())
     if stats:
-        rec["sf_grad_var"] = score_function_grad_variance(model, hl, out, targets, h, sampled)
+        rec["sf_grad_var"] = score_function_grad_variance(core, hl, out, targets, h, sampled)
     return loss, rec
 
 
@@ -265,12 +273,20 @@ def _non_finite(cfg: C.Config, state: TrainState, what: str) -> None:
 
 def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset: CaptionDataset,
                     cfg: C.Config, state: TrainState, device: torch.device, log_fn, stop: _StopFlag,
-                    save_fn, progress: bool = True) -> bool:
-    """One pass over the training captions; returns False if interrupted by a signal."""
+                    save_fn, progress: bool = True, dist: D.Dist = D.SINGLE) -> bool:
+    """One pass over the training captions; returns False if interrupted by a signal.
+
+    Under torchrun every rank takes its share of each global batch of ``train.batch_size``
+    captions (the same optimiser steps as one process), and all ranks agree on skipping a batch
+    and on stopping, so none is left waiting in a collective.
+    """
     model.train()
+    core = D.unwrap(model)
     order = _epoch_order(len(dataset), cfg.train.seed, state.epoch)
     bs = cfg.train.batch_size
     batches = [order[i: i + bs] for i in range(0, len(order), bs)]
+    if dist.enabled:  # a global batch smaller than the job would leave a rank without work
+        batches = [D.shard(b, dist) for b in batches if len(b) >= dist.world]
     start = state.batch_in_epoch
     bar = progress_bar(total=len(batches), initial=start, desc=f"epoch {state.epoch + 1}",
                        unit="batch", disable=not progress, leave=False)
@@ -286,18 +302,25 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
     t0 = time.time()
     for bi, (imgs, caps, _, n_bad) in enumerate(loader, start):
         state.bad_images += n_bad
-        if imgs is None:
+        if D.any_flag(imgs is None, dist):  # every image of the batch (of some rank) unreadable
             state.batch_in_epoch = bi + 1
             continue
         imgs, caps = imgs.to(device, non_blocking=True), caps.to(device, non_blocking=True)
         # stats are computed on the step that will be logged (after the increment below)
-        want_stats = (model.attention_kind == "hard"
+        want_stats = (core.attention_kind == "hard"
                       and (state.step + 1) % cfg.train.log_every == 0)
         with autocast(cfg.train.precision, device):
             loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats,
-                                   features=getattr(dataset.source, "features", False))
+                                   features=getattr(dataset.source, "features", False), dist=dist)
+        if dist.enabled:
+            # DDP averages gradients over ranks: weight each rank's per-token mean by its share
+            # of the global tokens, so the step is that of one process on the whole batch
+            n_tok = int((caps[:, 1:] != PAD_ID).sum())
+            weight, n_all = D.token_weight(n_tok, dist)
+            loss = loss * weight
+            rec["loss"] = D.all_sum([rec["loss"] * n_tok], dist)[0] / max(n_all, 1)
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
+        if D.any_flag(not math.isfinite(loss_value), dist):
             _non_finite(cfg, state, f"loss ({loss_value})")
             optimizer.zero_grad(set_to_none=True)
             state.batch_in_epoch = bi + 1
@@ -324,7 +347,9 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
             rec.update(kind="train", epoch=state.epoch, step=state.step, grad_norm=float(gnorm),
                        lr=optimizer.param_groups[0]["lr"])
             log_fn(rec)
-        if stop.signum is not None:
+        if D.any_flag(stop.signum is not None, dist):
+            if stop.signum is None:  # another rank was signalled: stop at the same step
+                stop.signum = signal.SIGTERM
             state.elapsed += time.time() - t0
             save_fn("last.pt")
             bar.close()
@@ -450,6 +475,7 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
     try:
         return _fit(cfg, resume, progress, splits, evaluate_test)
     finally:
+        D.teardown(D.from_env())
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         torch.set_flush_denormal(flush_denormal)
@@ -467,9 +493,13 @@ def _absolute_data_paths(cfg: C.Config) -> C.Config:
 def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
          evaluate_test: bool) -> RunResult:
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # temp files of atomic writes cut short by a crash
-        stale.unlink(missing_ok=True)
+    dist = D.from_env()
+    main = dist.main  # only rank 0 writes files and prints
+    progress = progress and main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # temp files of atomic writes cut short by a crash
+            stale.unlink(missing_ok=True)
     ckpt = None
     if resume:
         if not (out / "last.pt").is_file():
@@ -481,11 +511,13 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
                         "(only train.epochs may change on resume)")
         cfg = C.replace(saved, train={"epochs": cfg.train.epochs})
     else:
-        if (out / "last.pt").is_file():
+        if main and (out / "last.pt").is_file():
             log.warning("%s already holds a run: starting a new one over it (use --resume to "
                         "continue the old one)", out)
         cfg = _absolute_data_paths(cfg)
     device = resolve_device(cfg.train.device)
+    dist = D.setup(device)
+    device = D.device_for(dist, device)
     check_precision(cfg.train.precision, device)
     if device.type == "cpu":
         # Denormal floats appear in LSTM/attention gradients late in training and slow CPU
@@ -527,7 +559,11 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             state = TrainState(**ckpt["train_state"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
+            ranks = ckpt["rng"].get("ranks")
+            if dist.enabled and (not ranks or len(ranks) != dist.world):
+                raise TrainingError(f"cannot resume {ckpt['path']} with {dist.world} processes: "
+                                    f"it was saved by {len(ranks) if ranks else 1}")
+            torch.set_rng_state(ranks[dist.rank] if dist.enabled else ckpt["rng"]["torch"])
             if device.type == "cuda" and "cuda" in ckpt["rng"]:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -535,24 +571,36 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             what = (f"missing {exc}" if isinstance(exc, KeyError)
                     else str(exc).strip().splitlines()[0])
             raise CheckpointError(f"cannot resume from {ckpt['path']}: {what}") from None
+    if dist.enabled:
+        # each rank draws its own dropout masks and attention samples (rank 0 keeps the
+        # single-process stream); the parameters are rank 0's, broadcast by DDP
+        if ckpt is None:
+            torch.manual_seed(cfg.train.seed + 1000 * dist.rank)
+    train_model = D.wrap(model, dist, device, find_unused=cfg.attention.kind == "hard")
     C_dict = C.to_dict(cfg)
-    atomic_write_text(out / "config.json", json.dumps(C_dict, indent=2) + "\n")
-    atomic_write_text(out / "config.toml", C.to_toml(cfg))  # `train --config` this to rerun
     log_path = out / "metrics.jsonl"
-    if ckpt is not None:  # drop records of the run after its last checkpoint (a crash)
-        keep = [r for r in _read_jsonl(log_path) if r.get("step", 0) <= state.step
-                and r.get("epoch", 0) <= state.epoch]
-        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in keep))
-    elif log_path.exists():
-        log_path.unlink()
+    if main:
+        atomic_write_text(out / "config.json", json.dumps(C_dict, indent=2) + "\n")
+        atomic_write_text(out / "config.toml", C.to_toml(cfg))  # `train --config` this to rerun
+        if ckpt is not None:  # drop records of the run after its last checkpoint (a crash)
+            keep = [r for r in _read_jsonl(log_path) if r.get("step", 0) <= state.step
+                    and r.get("epoch", 0) <= state.epoch]
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in keep))
+        elif log_path.exists():
+            log_path.unlink()
 
     def log_fn(rec: dict[str, Any]) -> None:
-        _jsonl_append(log_path, rec)
+        if main:
+            _jsonl_append(log_path, rec)
 
     def save_fn(name: str) -> None:
         rng = {"torch": torch.get_rng_state()}
+        if dist.enabled:  # every rank's stream, so a resumed job continues each one exactly
+            rng["ranks"] = D.gather([rng["torch"]], dist)
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
+        if not main:
+            return
         save_checkpoint(out / name, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "config": C_dict, "vocab": vocab.to_dict(), "preprocess": preprocess.to_dict(),
@@ -564,7 +612,9 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
     train_src = make_source(cfg, splits, splits.train, preprocess, model, cache, "train", progress,
                             on_bad)
     val_recs = splits.val[: cfg.train.val_images] if cfg.train.val_images else splits.val
-    val_src = make_source(cfg, splits, val_recs, preprocess, model, cache, "val", progress, on_bad)
+    # under torchrun each rank decodes every world-th validation image; rank 0 scores them all
+    val_src = make_source(cfg, splits, val_recs[dist.rank:: dist.world], preprocess, model, cache,
+                          "val", progress, on_bad)
     for name, src in (("train", train_src), ("val", val_src)):
         if src.bad:
             first = next(iter(src.bad.values()))
@@ -583,18 +633,22 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
         while state.epoch < cfg.train.epochs and not (
                 cfg.train.early_stop and state.bad_epochs >= cfg.train.early_stop):
             _set_lr(optimizer, state.decays, cfg.train.lr_decay)
-            finished = train_one_epoch(model, optimizer, train_ds, cfg, state, device, log_fn, stop,
-                                       save_fn, progress)
+            finished = train_one_epoch(train_model, optimizer, train_ds, cfg, state, device, log_fn,
+                                       stop, save_fn, progress, dist)
             if not finished:
                 result.interrupted = True
                 log.warning("interrupted by signal %s: saved %s", stop.signum, out / "last.pt")
                 break
-            val = score_results(
-                decode_records(model, val_src, vocab, device, beam=cfg.train.val_beam,
-                               max_len=cfg.eval.max_len, batch_size=cfg.eval.batch_size,
-                               progress=progress, precision=cfg.train.precision,
-                               no_repeat_ngram=cfg.eval.no_repeat_ngram),
-                val_recs, splits.objects.get("val"), meteor=False)
+            val_res = decode_records(model, val_src, vocab, device, beam=cfg.train.val_beam,
+                                     max_len=cfg.eval.max_len, batch_size=cfg.eval.batch_size,
+                                     progress=progress, precision=cfg.train.precision,
+                                     no_repeat_ngram=cfg.eval.no_repeat_ngram)
+            for r in val_res:  # shard index → index into val_recs
+                r["index"] = r["index"] * dist.world + dist.rank
+            val_res = D.gather(val_res, dist)
+            val = score_results(val_res, val_recs, splits.objects.get("val"),
+                                meteor=False) if main else None
+            val = D.broadcast(val, dist)
             state.epoch += 1
             state.batch_in_epoch = 0
             metric = val.get(cfg.train.val_metric, 0.0)
@@ -615,7 +669,8 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             if improved:
                 save_fn("best.pt")
             save_fn("last.pt")
-            _plot(log_path, out)
+            if main:
+                _plot(log_path, out)
             if progress:
                 write(f"epoch {state.epoch}: val {cfg.train.val_metric} {metric:.4f} "
                            f"(best {state.best:.4f} @ {state.best_epoch}), "
@@ -624,14 +679,14 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             if cfg.train.early_stop and state.bad_epochs >= cfg.train.early_stop:
                 log.info("early stop: no improvement in %d epochs", state.bad_epochs)
                 break
-            if stop.signum is not None:
+            if D.any_flag(stop.signum is not None, dist):
                 result.interrupted = True
                 break
     result.epochs = state.epoch
     result.train_seconds = state.elapsed
     if state.bad_images:
         log.warning("skipped %d unreadable images during training", state.bad_images)
-    if evaluate_test and not result.interrupted and (out / "best.pt").is_file():
+    if evaluate_test and main and not result.interrupted and (out / "best.pt").is_file():
         result.test_metrics = evaluate_checkpoint(out / "best.pt", "test", out_dir=out,
                                                   splits=splits, progress=progress, summary=True)
     return result
