@@ -178,12 +178,15 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     core = D.unwrap(model)
     targets = caps[:, 1:]  # (B, T)
     mask = targets != PAD_ID
+    # DDP averages gradients over ranks: each rank's per-token (and per-image) means are weighted
+    # by its share of the global batch, so the step is that of one process on the whole batch
+    w_tok = D.token_weight(int(mask.sum()), dist)[0]
     if core.attention_kind == "soft":
         out = model(imgs, caps, feats=imgs if features else None)
         ce = masked_cross_entropy(out.logits, targets)
         ds = doubly_stochastic(out.alphas, mask)
-        loss = ce + cfg.train.alpha_c * ds
-        return loss, {"loss": loss.item(), "ce": ce.item(), "ds": ds.item()}
+        loss = w_tok * ce + cfg.train.alpha_c * D.token_weight(len(caps), dist)[0] * ds
+        return loss, {"loss": _global_mean(loss, dist), "ce": ce.item(), "ds": ds.item()}
     h = cfg.hard
     feats = imgs if features else core.encode(imgs)  # (B, L, D)
     if h.n_samples > 1:
@@ -191,14 +194,16 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
         caps = caps.repeat_interleave(h.n_samples, 0)
         targets, mask = caps[:, 1:], caps[:, 1:] != PAD_ID
     mode, mix = _mix_for_batch(h, feats.shape[0], feats.device)
+    if dist.enabled and h.mix_mode == "batch":  # one decision for the global batch: the ranks
+        mode = D.broadcast(mode, dist)  # must run the same collectives below
     if mix is not None:
         mix = mix.to(feats.device)
     out = model(imgs, caps, mode=mode, mix=mix, feats=feats)
     if mode == "expectation":
         ds = doubly_stochastic(out.alphas, mask)
         ce = masked_cross_entropy(out.logits, targets)
-        loss = ce + cfg.train.alpha_c * ds
-        return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()),
+        loss = w_tok * ce + cfg.train.alpha_c * D.token_weight(len(caps), dist)[0] * ds
+        return loss, {"loss": _global_mean(loss, dist), "ce": float(ce.detach()),
                       "ds": float(ds.detach()), "soft_batch": 1.0}
     sampled = ~mix if mix is not None else torch.ones(feats.shape[0], dtype=torch.bool,
                                                      device=feats.device)
@@ -222,13 +227,13 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
         baseline = 0.0
     hl = reinforce_loss(out.logits, targets, out.log_probs, out.entropies, baseline, h.lambda_r,
                         h.lambda_e, sampled)
-    loss = hl.loss + cfg.train.alpha_c * ds
+    loss = w_tok * hl.loss + cfg.train.alpha_c * D.token_weight(int((~sampled).sum()), dist)[0] * ds
     r_sum, r_cnt = D.all_sum([float(hl.reward[sampled].sum()), float(sampled.sum())], dist)
     if r_cnt:
         r = r_sum / r_cnt  # mean reward of the sampled captions (of the global batch)
         if math.isfinite(r):  # one non-finite batch (skipped by nan_policy) must not poison b
             state.baseline = h.baseline_decay * baseline + (1 - h.baseline_decay) * r
-    rec = {"loss": float(loss.detach()), "ce": float(hl.ce.detach()), "reward": float(hl.reward.mean()),
+    rec = {"loss": _global_mean(loss, dist), "ce": float(hl.ce.detach()), "reward": float(hl.reward.mean()),
            "baseline": float(baseline), "adv_std": float(hl.advantage[sampled].std())
            if int(sampled.sum()) > 1 else 0.0, "entropy": float(hl.entropy.detach()), "soft_batch": 0.0}
     if bool((~sampled).any()):  # the penalty exists only for expected-context captions
@@ -236,6 +241,11 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     if stats:
         rec["sf_grad_var"] = score_function_grad_variance(core, hl, out, targets, h, sampled)
     return loss, rec
+
+
+def _global_mean(loss: torch.Tensor, dist: D.Dist) -> float:
+    """The loss of the whole global batch from the ranks' share-weighted losses."""
+    return D.all_sum([float(loss.detach())], dist)[0] / dist.world
 
 
 def score_function_grad_variance(model: Captioner, hl, out, targets, h: C.HardConfig,
@@ -312,13 +322,6 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
         with autocast(cfg.train.precision, device):
             loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats,
                                    features=getattr(dataset.source, "features", False), dist=dist)
-        if dist.enabled:
-            # DDP averages gradients over ranks: weight each rank's per-token mean by its share
-            # of the global tokens, so the step is that of one process on the whole batch
-            n_tok = int((caps[:, 1:] != PAD_ID).sum())
-            weight, n_all = D.token_weight(n_tok, dist)
-            loss = loss * weight
-            rec["loss"] = D.all_sum([rec["loss"] * n_tok], dist)[0] / max(n_all, 1)
         loss_value = float(loss.detach())
         if D.any_flag(not math.isfinite(loss_value), dist):
             _non_finite(cfg, state, f"loss ({loss_value})")
