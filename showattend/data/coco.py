@@ -89,16 +89,21 @@ def _get(obj: dict, key: str, kind: str, path: Path, where: str, required: bool 
     return _expect(obj[key], kind, path, f"{where}.{key}")
 
 
-def _load_json(path: Path) -> Any:
-    """Parse the JSON file at ``path``; every failure becomes a DataFormatError."""
+def read_data_file(path: Path) -> bytes:
+    """The bytes of a caption/split file; a missing or unreadable one becomes a DataFormatError."""
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError as exc:
         raise DataFormatError(f"{path}: no such file") from exc
     except IsADirectoryError as exc:
         raise DataFormatError(f"{path}: is a directory") from exc
     except OSError as exc:
         raise DataFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _load_json(path: Path) -> Any:
+    """Parse the JSON file at ``path``; every failure becomes a DataFormatError."""
+    raw = read_data_file(path)
     try:
         return json.loads(raw)  # bytes: json detects UTF-8/16/32 itself
     except json.JSONDecodeError as exc:

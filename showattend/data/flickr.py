@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from showattend.data.coco import DataFormatError, ImageRecord
+from showattend.data.coco import DataFormatError, ImageRecord, read_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,7 @@ def _image_extensions() -> set[str]:
 
 def _text_lines(path: Path) -> list[str]:
     """Lines of a UTF-8 text file without their LF / CRLF ends; hostile bytes → DataFormatError."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataFormatError(f"{path}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise DataFormatError(f"{path}: is a directory") from exc
-    except OSError as exc:
-        raise DataFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    raw = read_data_file(path)
     if raw.startswith(b"\xef\xbb\xbf"):  # a BOM left by an editor
         raw = raw[3:]
     lines = []
