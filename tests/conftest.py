@@ -8,6 +8,11 @@ import torch
 from showattend.models.captioner import Captioner
 from showattend.models.encoder import build_encoder
 
+# The tests' tensors are tiny: one thread avoids intra-op scheduling that costs more than the
+# arithmetic (10–15× slower with 2 threads on a loaded 2-core machine). Runs that set
+# train.threads still change it and restore it (tests/test_robustness.py checks that).
+torch.set_num_threads(1)
+
 
 def tiny_model(attention: str = "soft", score: str = "additive", vocab_size: int = 20,
                window: int = 1, seed: int = 0, beta: str = "scalar", dropout: float = 0.0) -> Captioner:

@@ -669,7 +669,8 @@ def test_fit_restores_process_wide_torch_settings(shapes_data, tmp_path, monkeyp
     monkeypatch.setattr(T, "_plot", lambda *a, **k: None)
     monkeypatch.setattr(showattend.metrics, "_java_available", lambda: False)
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    cfg = tiny_cfg(tmp_path, shapes_data, "--train.epochs=1", "--train.threads=1", *extra)
+    other = 2 if threads == 1 else 1  # a thread count the run must change and then restore
+    cfg = tiny_cfg(tmp_path, shapes_data, "--train.epochs=1", f"--train.threads={other}", *extra)
     assert cfg.train.deterministic
     try:
         run_fit(cfg, evaluate_test=False)
