@@ -147,7 +147,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_checkpoint(args.checkpoint, args.split, beam=args.beam, out_dir=args.out,
                                   device=args.device, meteor=False if args.no_meteor else None,
-                                  progress=not args.quiet, mode=args.mode)
+                                  progress=not args.quiet, mode=args.mode,
+                                  length_norm=args.length_norm,
+                                  no_repeat_ngram=args.no_repeat_ngram)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return 0
 
@@ -241,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="checkpoint file or run directory")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--beam", type=int, default=None, help="beam size (default: from the config)")
+    e.add_argument("--length-norm", type=float, default=None,
+                   help="rank beams by score / (words + 1) ** X (default: eval.length_norm)")
+    e.add_argument("--no-repeat-ngram", type=int, default=None,
+                   help="never repeat an n-gram in a caption, 0 = off (default: eval.no_repeat_ngram)")
     e.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
                    help="hard attention test-time mode")
     e.add_argument("--results", help="COCO-format results json [{image_id, caption}]")

@@ -740,7 +740,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
                         out_dir: str | Path | None = None, splits: Splits | None = None,
                         device: str | None = None, meteor: bool | None = None,
                         progress: bool = True, mode: str | None = None,
-                        summary: bool = False) -> dict[str, float]:
+                        summary: bool = False, length_norm: float | None = None,
+                        no_repeat_ngram: int | None = None) -> dict[str, float]:
     """Decode ``split`` with a checkpoint; write metrics_<split>_beam<N>.json and COCO-format
     results_<split>_beam<N>.json next to the checkpoint (or in ``out_dir``); return the metrics.
     ``summary`` also writes metrics.json (the run's headline figures, written by training)."""
@@ -758,6 +759,11 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
     src = make_source(cfg, splits, records, preprocess, model, False, split, progress, "skip")
     beam = beam or cfg.eval.beam
     t0 = time.time()
+    if length_norm is not None or no_repeat_ngram is not None:  # decoding choices of this call
+        ev = {k: v for k, v in (("length_norm", length_norm), ("no_repeat_ngram", no_repeat_ngram))
+              if v is not None}
+        cfg = C.replace(cfg, eval=ev)
+        C.validate(cfg)
     results = decode_records(model, src, vocab, dev, beam=beam, max_len=cfg.eval.max_len,
                              length_norm=cfg.eval.length_norm, batch_size=cfg.eval.batch_size,
                              progress=progress, precision=cfg.train.precision,
@@ -765,7 +771,9 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
     dt = time.time() - t0
     metrics = score_results(results, records, splits.objects.get(split),
                             meteor=cfg.eval.meteor if meteor is None else meteor)
-    metrics.update(beam=float(beam), decode_images_per_s=len(results) / max(dt, 1e-9),
+    metrics.update(beam=float(beam), length_norm=float(cfg.eval.length_norm),
+                   no_repeat_ngram=float(cfg.eval.no_repeat_ngram),
+                   decode_images_per_s=len(results) / max(dt, 1e-9),
                    skipped_images=float(len(src.bad)))
     out = Path(out_dir) if out_dir else Path(ckpt["path"]).parent
     tag = f"{split}_beam{beam}" + (f"_{mode}" if mode else "")
