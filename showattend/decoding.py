@@ -171,7 +171,8 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
         h_beta[t, rows] = out.beta[origin].to(h_beta.dtype)
         h_loc[t, rows] = out.attn.location[origin]
         n_words = n_words[origin] + ((~done[origin]) & (tok != END_ID)).long()
-        done = done[origin] | (tok == END_ID)
+        # a beam at -inf (more beams than the vocabulary can fill) can never win: count it done
+        done = done[origin] | (tok == END_ID) | scores.reshape(-1).isinf()
         state = State(out.state.h[origin], out.state.c[origin])
         prev = tok
         if no_repeat_ngram:

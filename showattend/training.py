@@ -531,7 +531,11 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.train.seed)
+    if dist.enabled and not main:  # rank 0 first: it may generate or check the data on disk
+        D.barrier(dist)
     splits = splits or load_splits(cfg.data, progress=progress)
+    if dist.enabled and main:
+        D.barrier(dist)
     vocab = load_vocab(cfg.data, splits)  # a prepared folder's own vocabulary
     if ckpt is not None:
         saved_vocab = Vocab.from_dict(ckpt["vocab"])
@@ -568,16 +572,17 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
                                     f"it was saved by {len(ranks) if ranks else 1}")
             torch.set_rng_state(ranks[dist.rank] if dist.enabled else ckpt["rng"]["torch"])
             if device.type == "cuda" and "cuda" in ckpt["rng"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+                cuda = ckpt["rng"].get("cuda_ranks") if dist.enabled else None
+                torch.cuda.set_rng_state(cuda[dist.rank] if cuda else ckpt["rng"]["cuda"], device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             # e.g. an exported/edited checkpoint without optimizer state, or mismatched shapes
             what = (f"missing {exc}" if isinstance(exc, KeyError)
                     else str(exc).strip().splitlines()[0])
             raise CheckpointError(f"cannot resume from {ckpt['path']}: {what}") from None
     if dist.enabled:
-        # each rank draws its own dropout masks and attention samples (rank 0 keeps the
+        # each rank draws its own dropout masks and attention samples (rank 0 continues the
         # single-process stream); the parameters are rank 0's, broadcast by DDP
-        if ckpt is None:
+        if ckpt is None and not main:
             torch.manual_seed(cfg.train.seed + 1000 * dist.rank)
     train_model = D.wrap(model, dist, device, find_unused=cfg.attention.kind == "hard")
     C_dict = C.to_dict(cfg)
@@ -602,6 +607,8 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             rng["ranks"] = D.gather([rng["torch"]], dist)
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
+            if dist.enabled:
+                rng["cuda_ranks"] = D.gather([rng["cuda"]], dist)
         if not main:
             return
         save_checkpoint(out / name, {
@@ -629,6 +636,10 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
     if len(train_ds) == 0:
         raise TrainingError("no usable training captions (all images unreadable, or captions "
                             "empty or without a word in the vocabulary)")
+    sizes = D.gather([len(train_ds)], dist)
+    if len(set(sizes)) > 1:  # an image unreadable on one rank only: the shards would not line up
+        raise TrainingError(f"the processes see different training sets ({sizes} captions); "
+                            f"check that every process reads the same files")
     result = RunResult(out)
     with _StopFlag() as stop:
         # the early-stop test is repeated here so that resuming a run that stopped early (and
@@ -645,6 +656,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
             val_res = decode_records(model, val_src, vocab, device, beam=cfg.train.val_beam,
                                      max_len=cfg.eval.max_len, batch_size=cfg.eval.batch_size,
                                      progress=progress, precision=cfg.train.precision,
+                                     length_norm=cfg.eval.length_norm,
                                      no_repeat_ngram=cfg.eval.no_repeat_ngram)
             for r in val_res:  # shard index → index into val_recs
                 r["index"] = r["index"] * dist.world + dist.rank

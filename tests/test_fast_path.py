@@ -171,3 +171,17 @@ def test_beam_search_rebuilds_maps_of_the_chosen_sequence():
         score = logp.gather(1, caps[0, 1:].unsqueeze(1)).sum()
         torch.testing.assert_close(dec.scores[i], score, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(dec.alphas[i, : n + 1], out.alphas[0], rtol=1e-5, atol=1e-6)
+
+
+def test_beam_wider_than_the_vocabulary_still_returns_the_best_caption():
+    """With 4 ids (only <end> and <unk> usable) and beam 5, beams at -inf remain; they must not
+    keep the image open (it used to come back empty with score 0)."""
+    from showattend.decoding import beam_search
+
+    model = tiny_model(vocab_size=4).eval()
+    imgs, _ = tiny_batch(b=3)
+    feats = model.encode(imgs)
+    wide = beam_search(model, feats, beam=5, max_len=6)
+    narrow = beam_search(model, feats, beam=3, max_len=6)
+    assert torch.isfinite(wide.scores).all() and (wide.scores < 0).all()
+    assert (wide.scores >= narrow.scores - 1e-5).all()  # more beams never find a worse caption

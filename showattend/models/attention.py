@@ -188,8 +188,10 @@ class HardAttention(nn.Module):
             if noise is None:
                 noise = torch.rand(len(alpha), device=alpha.device)  # (B,)
             cdf = alpha.detach().cumsum(-1)  # (B, L)
-            # first cell whose CDF exceeds u; the clamp guards a CDF that ends just below 1
-            loc = (cdf <= noise.unsqueeze(1)).sum(-1).clamp_max(alpha.shape[1] - 1)  # (B,)
+            # first cell whose CDF exceeds u · total: scaling by the total keeps a CDF that ends
+            # just below 1 in float32 from sending u to the last cell; the clamp is a guard only
+            u = noise.unsqueeze(1) * cdf[:, -1:]  # (B, 1)
+            loc = (cdf <= u).sum(-1).clamp_max(alpha.shape[1] - 1)  # (B,)
         elif mode == "mc":
             locs = torch.multinomial(alpha.detach(), self.mc_samples, replacement=True)  # (B, S)
             picked = torch.gather(mem.crops, 1, locs.unsqueeze(-1).expand(-1, -1, mem.crops.shape[-1]))
