@@ -111,6 +111,10 @@ class TrainConfig:
     alpha_c: float = 1.0  # λ of the doubly stochastic penalty
     lr_decay: float = 0.5  # factor on plateau of the validation metric
     lr_patience: int = 2  # epochs without improvement before decaying
+    # "plateau": lr × lr_decay^(plateau decays); "cosine": every step, from lr down to
+    # lr × lr_final at the end of train.epochs (half a cosine; plateau decays then do not apply)
+    lr_schedule: str = "plateau"
+    lr_final: float = 0.0
     early_stop: int = 6  # epochs without improvement before stopping (0 = never)
     val_metric: str = "BLEU-4"  # "BLEU-4" | "CIDEr" (free-running decoding, never teacher forced)
     val_beam: int = 1
@@ -275,6 +279,7 @@ _CHOICES = {
     ("train", "val_metric"): ("BLEU-4", "CIDEr"),
     ("train", "nan_policy"): ("stop", "skip"),
     ("train", "precision"): ("fp32", "bf16"),
+    ("train", "lr_schedule"): ("plateau", "cosine"),
 }
 
 
@@ -326,6 +331,8 @@ def validate(cfg: Config) -> None:
     if cfg.eval.no_repeat_ngram == 1:
         raise ConfigError("eval.no_repeat_ngram = 1 would forbid repeating any word; use 0 (off) "
                           "or n >= 2")
+    if not 0.0 <= cfg.train.lr_final <= 1.0:
+        raise ConfigError("train.lr_final must be in [0, 1] (a fraction of train.lr)")
     if not 0 < cfg.train.lr < math.inf:
         raise ConfigError("train.lr must be a finite number > 0")
 

@@ -95,8 +95,16 @@ def make_preprocess(cfg: C.Config, model: Captioner) -> Preprocessor:
                         resize=cfg.encoder.resize)
 
 
-def lr_at(base_lr: float, decays: int, factor: float) -> float:
-    """Learning rate after ``decays`` plateau decays (a pure function of the schedule state)."""
+def lr_at(base_lr: float, decays: int, factor: float, schedule: str = "plateau",
+          step: int = 0, total: int = 1, final: float = 0.0) -> float:
+    """Learning rate: a pure function of the schedule state, so a resumed run repeats it.
+
+    "plateau": ``base_lr`` after ``decays`` plateau decays by ``factor``; "cosine": half a cosine
+    from ``base_lr`` at step 0 to ``base_lr * final`` at step ``total`` (plateau decays ignored).
+    """
+    if schedule == "cosine":
+        frac = min(max(step / max(total, 1), 0.0), 1.0)
+        return base_lr * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * frac)))
     return base_lr * factor ** decays
 
 
@@ -341,6 +349,8 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
             optimizer.zero_grad(set_to_none=True)
             state.batch_in_epoch = bi + 1
             continue
+        if cfg.train.lr_schedule == "cosine":  # per step: the epoch's batches are known here
+            _set_lr(optimizer, state.decays, cfg.train, state.step, cfg.train.epochs * len(batches))
         optimizer.step()
         state.step += 1
         state.batch_in_epoch = bi + 1
@@ -434,9 +444,11 @@ def _build_optimizer(model: Captioner, cfg: C.TrainConfig) -> torch.optim.Optimi
     return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, decays: int, factor: float) -> None:
+def _set_lr(optimizer: torch.optim.Optimizer, decays: int, cfg: C.TrainConfig, step: int = 0,
+            total: int = 1) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(g["base_lr"], decays, factor)
+        g["lr"] = lr_at(g["base_lr"], decays, cfg.lr_decay, cfg.lr_schedule, step, total,
+                        cfg.lr_final)
 
 
 @dataclass
@@ -646,7 +658,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
         # was then killed during its test evaluation) does not train on
         while state.epoch < cfg.train.epochs and not (
                 cfg.train.early_stop and state.bad_epochs >= cfg.train.early_stop):
-            _set_lr(optimizer, state.decays, cfg.train.lr_decay)
+            _set_lr(optimizer, state.decays, cfg.train)
             finished = train_one_epoch(train_model, optimizer, train_ds, cfg, state, device, log_fn,
                                        stop, save_fn, progress, dist)
             if not finished:

@@ -727,6 +727,43 @@ def test_signal_saves_checkpoint_and_resume_is_bit_identical(quiet, reference_ru
     assert m == ref
 
 
+def test_lr_at_cosine_and_plateau_values():
+    assert T.lr_at(1e-3, 2, 0.5) == pytest.approx(2.5e-4)  # plateau: two decays
+    cos = [T.lr_at(1e-3, 5, 0.5, "cosine", s, 100, 0.1) for s in (0, 50, 100, 150)]
+    assert cos == pytest.approx([1e-3, 5.5e-4, 1e-4, 1e-4])  # decays ignored, clamped at the end
+
+
+def test_cosine_schedule_steps_down_and_resumes_bit_identical(quiet, shapes_data, tmp_path):
+    """lr follows the half cosine step by step (logged lr = lr used by the next step) and a run
+    interrupted mid-epoch resumes to the same weights as an uninterrupted one."""
+    sched = ("--train.lr_schedule=cosine", "--train.lr_final=0.1", "--train.log_every=1")
+    ref_cfg = tiny_cfg(tmp_path, shapes_data, *sched, out="ref")
+    run_fit(ref_cfg, evaluate_test=False)
+    logged = [r for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl") if r["kind"] == "train"]
+    total = ref_cfg.train.epochs * 6  # 48 training captions in batches of 8
+    assert [r["step"] for r in logged] == list(range(1, total + 1))
+    base = ref_cfg.train.lr
+    for r in logged:  # the lr set for step s (0-based) = r["step"] - 1
+        assert r["lr"] == pytest.approx(T.lr_at(base, 0, 0.5, "cosine", r["step"] - 1, total, 0.1))
+    assert logged[0]["lr"] == pytest.approx(base) and logged[-1]["lr"] < 0.2 * base
+
+    real_step = T.train_step
+    calls = {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # epoch 2, batch 3 of 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*a, **k)
+
+    quiet.setattr(T, "train_step", step)
+    cfg = tiny_cfg(tmp_path, shapes_data, *sched, out="cut")
+    assert run_fit(cfg, evaluate_test=False).interrupted
+    quiet.setattr(T, "train_step", real_step)
+    run_fit(cfg, resume=True, evaluate_test=False)
+    assert_same_training_state(tmp_path / "cut" / "last.pt", tmp_path / "ref" / "last.pt")
+
+
 def test_cli_exits_cleanly_on_sigint(quiet, shapes_data, tmp_path, capsys):
     real_step = T.train_step
     calls = {"n": 0}
