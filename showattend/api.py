@@ -90,12 +90,14 @@ class CaptionerAPI:
         self.device = device
 
     @classmethod
-    def load(cls, checkpoint: str | os.PathLike, device: str = "auto") -> CaptionerAPI:
-        """Load a checkpoint (file, or run directory holding best.pt/last.pt)."""
+    def load(cls, checkpoint: str | os.PathLike, device: str = "auto", int8: bool = False
+             ) -> CaptionerAPI:
+        """Load a checkpoint (file, or run directory holding best.pt/last.pt); ``int8``: dynamic
+        int8 decoder for CPU serving (see :mod:`showattend.quantize`)."""
         from showattend.training import load_model, resolve_device
 
         dev = resolve_device(device)
-        model, vocab, preprocess, cfg, _ = load_model(checkpoint, dev)
+        model, vocab, preprocess, cfg, _ = load_model(checkpoint, dev, int8=int8)
         return cls(model, vocab, preprocess, cfg, dev)
 
     @property
@@ -149,29 +151,24 @@ class CaptionerAPI:
         return res
 
     def caption_paths(self, inputs: Sequence[str | os.PathLike], beam: int | None = None,
-                      mode: str | None = None, batch_size: int = 16
+                      mode: str | None = None, batch_size: int = 16, workers: int | None = None
                       ) -> Iterator[tuple[Path, Caption | None, str | None]]:
-        """Caption files and folders; yields (path, caption, None) or (path, None, reason)."""
-        good: list[tuple[Path, Image.Image]] = []
-        for p in iter_image_paths(inputs):
-            try:
-                from showattend.data.images import load_image
+        """Caption files and folders; yields (path, caption, None) or (path, None, reason), in
+        path order. Files are decoded and preprocessed by ``workers`` DataLoader processes (None:
+        automatic, 0: in this process) while the model captions the previous batch."""
+        from showattend.data.folder import image_batches
 
-                good.append((p, load_image(p)))
-            except ImageLoadError as exc:
-                yield p, None, str(exc)
-                continue
-            if len(good) == batch_size:
-                yield from self._flush(good, beam, mode)
-                good = []
-        if good:
-            yield from self._flush(good, beam, mode)
-
-    def _flush(self, good, beam, mode):
-        caps = self.caption([im for _, im in good], beam=beam, mode=mode, batch_size=len(good))
-        for (p, _), c in zip(good, caps):
-            c.image = str(p)
-            yield p, c, None
+        beam = beam or self.config.eval.beam
+        max_len = self.config.eval.max_len
+        paths = list(iter_image_paths(inputs))
+        for items in image_batches(paths, self.preprocess, batch_size, workers):
+            good = [it for it in items if it.error is None]
+            caps = iter(self._caption_batch(
+                [str(it.path) for it in good], [it.view for it in good],
+                torch.stack([it.pixels for it in good]), beam, max_len, mode) if good else [])
+            for it in items:
+                yield (it.path, None, it.error) if it.error is not None else (it.path, next(caps),
+                                                                             None)
 
     def overlay(self, caption: Caption, smooth: bool = True):
         """Figure: the image the model saw, then one heat-map panel per word (β in the title)."""
@@ -181,6 +178,7 @@ class CaptionerAPI:
                                 boxes=caption.boxes, title=caption.caption)
 
 
-def load(checkpoint: str | os.PathLike, device: str = "auto") -> CaptionerAPI:
-    """Load a checkpoint for captioning (model + vocabulary + preprocessing)."""
-    return CaptionerAPI.load(checkpoint, device)
+def load(checkpoint: str | os.PathLike, device: str = "auto", int8: bool = False) -> CaptionerAPI:
+    """Load a checkpoint for captioning (model + vocabulary + preprocessing); ``int8``: dynamic
+    int8 decoder on the CPU."""
+    return CaptionerAPI.load(checkpoint, device, int8=int8)

@@ -28,11 +28,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from showattend.data.coco import DataFormatError
     from showattend.data.images import ImageLoadError
     from showattend.models.encoder import EncoderError
+    from showattend.quantize import QuantizationError
     from showattend.training import TrainingError
     from showattend.vocab import VocabError
 
     return (UserError, ConfigError, DataFormatError, ImageLoadError, CheckpointError,
-            EncoderError, TrainingError, VocabError, OSError)  # OSError: missing file, disk full…
+            EncoderError, TrainingError, VocabError, QuantizationError, OSError)  # OSError: missing file, disk full…
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   device=args.device, meteor=False if args.no_meteor else None,
                                   progress=not args.quiet, mode=args.mode,
                                   length_norm=args.length_norm,
-                                  no_repeat_ngram=args.no_repeat_ngram)
+                                  no_repeat_ngram=args.no_repeat_ngram, int8=args.int8)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return 0
 
@@ -161,11 +162,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
     overlay_dir = Path(args.overlay_dir) if args.overlay_dir else None
     if overlay_dir is not None and overlay_dir.exists() and not overlay_dir.is_dir():
         raise UserError(f"--overlay-dir {overlay_dir} exists and is not a directory")
-    cap = showattend.load(args.checkpoint, device=args.device)
+    if args.workers is not None and args.workers < 0:
+        raise UserError("--workers must be >= 0")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    cap = showattend.load(args.checkpoint, device=args.device, int8=args.int8)
     failed = done = 0
     records = []
     used_names: set[str] = set()
-    for path, c, err in cap.caption_paths(args.images, beam=args.beam, mode=args.mode):
+    for path, c, err in cap.caption_paths(args.images, beam=args.beam, mode=args.mode,
+                                          batch_size=args.batch_size, workers=args.workers):
         if err is not None:
             failed += 1
             print(f"showattend: skipped: {err}", file=sys.stderr)
@@ -254,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="where to write metrics/results (default: next to checkpoint)")
     e.add_argument("--device", default="auto")
     e.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves ~10 s of Java)")
+    e.add_argument("--int8", action="store_true", help="dynamic int8 decoder (CPU)")
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("caption", help="caption images or folders of images")
@@ -265,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overlay-dir", help="write one attention overlay PNG per image here")
     c.add_argument("--json", action="store_true", help="print JSON records instead of text")
     c.add_argument("--device", default="auto")
+    c.add_argument("--int8", action="store_true",
+                   help="dynamic int8 decoder for CPU serving (encoder stays fp32)")
+    c.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    c.add_argument("--workers", type=int, default=None,
+                   help="image-decoding processes running ahead of the model (default: up to "
+                        "2 for more than one batch, 0 = none)")
     c.set_defaults(func=cmd_caption)
     return p
 

@@ -738,10 +738,11 @@ def _plot(log_path: Path, out: Path) -> None:
             log.warning("could not draw curves: %s", exc)
 
 
-def load_model(path: str | Path, device: torch.device | str = "auto"
+def load_model(path: str | Path, device: torch.device | str = "auto", int8: bool = False
                ) -> tuple[Captioner, Vocab, Preprocessor, C.Config, dict[str, Any]]:
     """Model, vocabulary, preprocessing and config from one checkpoint (they travel together).
-    ``device`` is a torch.device or a name for :func:`resolve_device` ("auto", "cpu", ...)."""
+    ``device`` is a torch.device or a name for :func:`resolve_device` ("auto", "cpu", ...);
+    ``int8``: dynamic int8 decoder for CPU decoding (:mod:`showattend.quantize`)."""
     if isinstance(device, str):
         device = resolve_device(device)
     ckpt = load_checkpoint(path)
@@ -757,6 +758,10 @@ def load_model(path: str | Path, device: torch.device | str = "auto"
         raise CheckpointError(f"checkpoint {ckpt['path']} does not match this showattend: "
                               f"{str(exc).splitlines()[0]}") from None
     model.to(device).eval()
+    if int8:
+        from showattend.quantize import quantize_decoder
+
+        quantize_decoder(model)
     return model, vocab, preprocess, cfg, ckpt
 
 
@@ -765,14 +770,15 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
                         device: str | None = None, meteor: bool | None = None,
                         progress: bool = True, mode: str | None = None,
                         summary: bool = False, length_norm: float | None = None,
-                        no_repeat_ngram: int | None = None) -> dict[str, float]:
+                        no_repeat_ngram: int | None = None, int8: bool = False
+                        ) -> dict[str, float]:
     """Decode ``split`` with a checkpoint; write metrics_<split>_beam<N>.json and COCO-format
     results_<split>_beam<N>.json next to the checkpoint (or in ``out_dir``); return the metrics.
     ``summary`` also writes metrics.json (the run's headline figures, written by training)."""
     from showattend.metrics import write_coco_results
 
     dev = resolve_device(device or "auto")
-    model, vocab, preprocess, cfg, ckpt = load_model(path, dev)
+    model, vocab, preprocess, cfg, ckpt = load_model(path, dev, int8=int8)
     if mode:
         model.test_mode = mode
     splits = splits or load_splits(cfg.data, progress=progress)
@@ -795,7 +801,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
     dt = time.time() - t0
     metrics = score_results(results, records, splits.objects.get(split),
                             meteor=cfg.eval.meteor if meteor is None else meteor)
-    metrics.update(beam=float(beam), length_norm=float(cfg.eval.length_norm),
+    metrics.update(beam=float(beam), length_norm=float(cfg.eval.length_norm), int8=float(int8),
                    no_repeat_ngram=float(cfg.eval.no_repeat_ngram),
                    decode_images_per_s=len(results) / max(dt, 1e-9),
                    skipped_images=float(len(src.bad)))

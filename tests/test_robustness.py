@@ -215,13 +215,16 @@ def make_image_folder(folder: Path) -> tuple[list[Path], dict[Path, str]]:
     return sorted(folder / name for name in writers), bad
 
 
-def test_caption_folder_captions_good_reports_bad(checkpoint, tmp_path, capsys):
-    """caption over a folder: every good file captioned, each bad one a one-line reason, exit 1."""
+@pytest.mark.parametrize("loader", [[], ["--batch-size", "3", "--workers", "2"]],
+                         ids=["in-process", "2-workers"])
+def test_caption_folder_captions_good_reports_bad(checkpoint, tmp_path, capsys, loader):
+    """caption over a folder: every good file captioned, each bad one a one-line reason, exit 1
+    — also when worker processes decode the files (a bad file is a value, not a dead worker)."""
     good, bad = make_image_folder(tmp_path / "photos")
     missing = tmp_path / "missing.jpg"
     bad[missing] = "no such file"
     code = main(["-q", "caption", str(tmp_path / "photos"), str(missing), "--checkpoint",
-                 str(checkpoint), "--beam", "1", "--device", "cpu"])
+                 str(checkpoint), "--beam", "1", "--device", "cpu", *loader])
     out, err = capsys.readouterr()
     assert code == 1
     captioned = [Path(line.split("\t")[0]) for line in out.splitlines()]
