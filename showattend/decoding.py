@@ -137,9 +137,10 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     last = torch.zeros(b, dtype=torch.long, device=dev)  # step at which each image finished
 
     work = torch.arange(b, device=dev)  # images still searching
-    feats_k = feats.repeat_interleave(k, 0)  # (B·K, L, D)
-    mem = model.memory(feats_k)
-    state = model.decoder.init_state(feats_k)
+    # the annotation projection and h_0/c_0 depend on the image only: once per image, then K rows
+    mem = model.memory(feats)
+    mem = type(mem)(*(x.repeat_interleave(k, 0) for x in mem))  # each (B·K, ...)
+    state = State(*(x.repeat_interleave(k, 0) for x in model.decoder.init_state(feats)))
     scores = torch.zeros(b, k, device=dev)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     prev = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)
