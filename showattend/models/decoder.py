@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from showattend.models.attention import AttentionOutput, Memory
+from showattend.models.recurrent import GateTape, RecurrentGates
 from showattend.vocab import PAD_ID
 
 
@@ -128,6 +129,7 @@ class Decoder(nn.Module):
             noise = torch.rand(b, t_in, device=inputs.device)
         noise = noise[order] if noise is not None else None
         hs, zs, alphas, betas, logps, ents = [], [], [], [], [], []
+        tape = GateTape()  # recurrent weight gradients: one matmul over all steps (recurrent.py)
         for t in range(steps):
             n = active[t]
             if n < h.shape[0]:  # captions sorted longest first: the live rows are a prefix
@@ -136,7 +138,7 @@ class Decoder(nn.Module):
                 mix = mix[:n] if mix is not None else None
             attn, z, beta = self._gated_context(mem, h, mode, mix,
                                                 noise[:n, t] if noise is not None else None)
-            gates = torch.addmm(torch.addmm(x_emb[:n, t], z, w_z), h, w_hh_t)  # (n, 4N)
+            gates = RecurrentGates.apply(x_emb[:n, t], z, h, w_z, w_hh_t, tape, t)  # (n, 4N)
             i, f, g, o = gates.chunk(4, 1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (n, N)
             h = torch.sigmoid(o) * torch.tanh(c)  # (n, N)

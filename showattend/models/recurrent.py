@@ -1,0 +1,55 @@
+"""LSTM gate pre-activations whose weight gradients are computed once per batch, not per step.
+
+Teacher forcing runs the recurrence one step at a time, and autograd then forms the gradient of
+the recurrent weights once per step: an outer product over a few dozen rows (z_tᵀ g_t, a skinny
+matmul the CPU runs far below its peak) plus a full-size accumulation into the weight's gradient,
+for every step. Both weights' gradients are sums over steps, Σ_t z_tᵀ g_t and Σ_t h_tᵀ g_t, so
+:class:`RecurrentGates` records each step's input and gate gradient on a shared tape and the first
+step's backward — which autograd runs after every later step's, since all of them depend on it —
+forms each sum as one large matmul over all real positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GateTape:
+    """Per-step inputs and gate gradients of one teacher-forced pass."""
+
+    def __init__(self) -> None:
+        self.z: dict[int, torch.Tensor] = {}
+        self.h: dict[int, torch.Tensor] = {}
+        self.g: dict[int, torch.Tensor] = {}
+
+
+class RecurrentGates(torch.autograd.Function):
+    """gates = x + z @ w_z + h @ w_h for step ``t``; the weight gradients arrive with step 0's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, z: torch.Tensor, h: torch.Tensor, w_z: torch.Tensor,
+                w_h: torch.Tensor, tape: GateTape, t: int) -> torch.Tensor:
+        ctx.save_for_backward(z, h, w_z, w_h)
+        ctx.tape, ctx.t = tape, t
+        return torch.addmm(torch.addmm(x, z, w_z), h, w_h)  # (n, 4N)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        # under autocast the forward matmuls ran in g's dtype (bf16): so do their gradients
+        z, h, w_z, w_h = (x.to(g.dtype) for x in ctx.saved_tensors)
+        tape, t = ctx.tape, ctx.t
+        need = ctx.needs_input_grad
+        gz = g.mm(w_z.t()) if need[1] else None  # (n, D)
+        gh = g.mm(w_h.t()) if need[2] else None  # (n, N)
+        gwz = gwh = None
+        if need[3] or need[4]:
+            tape.z[t], tape.h[t], tape.g[t] = z, h, g
+            if t == 0:  # every later step has run its backward: sum over all positions at once
+                steps = sorted(tape.g)
+                grads = torch.cat([tape.g[s] for s in steps])  # (P, 4N)
+                if need[3]:
+                    gwz = torch.cat([tape.z[s] for s in steps]).t().mm(grads)  # (D, 4N)
+                if need[4]:
+                    gwh = torch.cat([tape.h[s] for s in steps]).t().mm(grads)  # (N, 4N)
+                tape.z.clear(), tape.h.clear(), tape.g.clear()
+        return g, gz, gh, gwz, gwh, None, None
