@@ -14,13 +14,13 @@ The package ships no compile option unless this shows a clear gain (see bench/RE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 
-from decoder_flops import build, captions_batch, sync
+from decoder_flops import build, captions_batch, sync, timed_train_step
 from showattend.decoding import beam_search
-from showattend.losses import doubly_stochastic, masked_cross_entropy
 
 
 def time_beam(model, feats, dev, reps: int = 2) -> float:
@@ -37,19 +37,8 @@ def time_beam(model, feats, dev, reps: int = 2) -> float:
 def time_train(model, step_model, feats, dev, gen, steps: int) -> tuple[float, float]:
     """(first step incl. compilation, mean of the next ``steps``) in seconds."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    times = []
-    for _ in range(steps + 1):
-        caps, _ = captions_batch(feats.shape[0], gen, dev)
-        sync(dev)
-        t0 = time.perf_counter()
-        out = step_model(None, caps, feats=feats)
-        loss = masked_cross_entropy(out.logits, caps[:, 1:]) + doubly_stochastic(
-            out.alphas, caps[:, 1:] != 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
+    times = [timed_train_step(step_model, opt, captions_batch(feats.shape[0], gen, dev)[0], feats,
+                              dev, contextlib.nullcontext()) for _ in range(steps + 1)]
     return times[0], sum(times[1:]) / steps
 
 
