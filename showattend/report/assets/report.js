@@ -328,7 +328,7 @@
       li.addEventListener("click", (ev) => { ev.stopPropagation(); setActive(mi); state.beam[mi] = k; state.word[mi] = 0; fillPanel(mi); });
       P.beams.appendChild(li);
     });
-    state.word[mi] = Math.min(state.word[mi], b.words.length - 1);
+    state.word[mi] = Math.max(0, Math.min(state.word[mi], b.words.length - 1));
     draw(mi, state.word[mi]);
   }
 
@@ -349,6 +349,14 @@
     const im = data.images[state.image], r = im.results[mi], P = panels[mi], m = models[mi];
     const b = r.beams[state.beam[mi]];
     const [gh, gw] = m.grid;
+    if (!b.words.length) {  // the model ended the caption at once: no word, no map
+      P.heat.width = P.heat.height = 1;
+      P.heat.getContext("2d").clearRect(0, 0, 1, 1);
+      P.marks.getContext("2d").clearRect(0, 0, P.marks.width, P.marks.height);
+      P.info.textContent = "empty caption: the model ended it before any word";
+      shown[mi] = { image: state.image, model: mi, beam: state.beam[mi], word: -1, text: "", map: [], peak: -1 };
+      return;
+    }
     const maps = beamMaps(b, m.grid);
     const map = maps[t];
     const smooth = state.style === "smooth";
