@@ -58,6 +58,23 @@ class Caption:
         return Report.from_captions({"model": [self]})._repr_html_()
 
 
+class Captions(list):
+    """The list ``caption()`` returns; in Jupyter it shows itself as the interactive view."""
+
+    def __init__(self, items=(), model: dict[str, Any] | None = None):
+        super().__init__(items)
+        self.model = model or {}  # how they were made: attention kind, grid, beam, mode
+
+    def _repr_html_(self) -> str:
+        from showattend.report import ModelInfo, Report
+
+        if not self:
+            return "<p>no captions</p>"
+        info = ModelInfo(name="model", **self.model) if self.model else None
+        return Report.from_captions({"model": list(self)},
+                                    models=[info] if info else None)._repr_html_()
+
+
 def crop_boxes(locations: np.ndarray, grid: tuple[int, int], window: int,
                size: tuple[int, int]) -> list[tuple[float, float, float, float]]:
     """Pixel boxes (x0, y0, x1, y1) of the k×k crops at ``locations`` on an image of size (H, W)."""
@@ -113,7 +130,7 @@ class CaptionerAPI:
     @torch.no_grad()
     def caption(self, images: Sequence[ImageLike] | ImageLike, beam: int | None = None,
                 max_len: int | None = None, mode: str | None = None,
-                batch_size: int = 16, alternatives: bool = False) -> list[Caption]:
+                batch_size: int = 16, alternatives: bool = False) -> Captions:
         """Caption images (paths or PIL images); an unreadable one raises ImageLoadError.
 
         ``alternatives``: also keep every beam's hypothesis in ``Caption.alternatives``."""
@@ -128,7 +145,10 @@ class CaptionerAPI:
             batch = torch.stack([self.preprocess(Image.fromarray(v)) for v in views])  # (B, 3, H, W)
             out.extend(self._caption_batch(chunk, views, batch, beam, max_len, mode,
                                            alternatives))
-        return out
+        return Captions(out, model={
+            "attention": self.attention_kind, "grid": tuple(self.model.grid), "beam": beam,
+            "mode": mode or self.model.test_mode,
+            "window": int(getattr(self.model.decoder.attention, "window", 1))})
 
     def _caption_batch(self, chunk, views, batch, beam, max_len, mode,
                        alternatives: bool = False) -> list[Caption]:

@@ -259,6 +259,22 @@ def test_repr_html_is_an_isolated_page(built):
     assert rep._repr_html_().startswith("<iframe")
 
 
+def test_caption_list_shows_itself_in_notebooks(built, test_images):
+    import html as html_lib
+
+    models, _ = built
+    caps = models["hard"].caption(test_images[:2], beam=2, alternatives=True)
+    assert isinstance(caps, list) and len(caps) == 2  # still the list it always was
+    page = html_lib.unescape(caps._repr_html_())
+    data = json.loads(re.search(r'id="report-data" type="application/json">(.*?)</script>',
+                                page, re.S).group(1))
+    assert data["models"][0] | {"name": None} == {
+        "name": None, "attention": "hard", "grid": [8, 8], "window": 1, "beam": 2,
+        "mode": "argmax", "checkpoint": ""}
+    assert [im["results"][0]["beams"][0]["words"] for im in data["images"]] == [
+        c.words for c in caps]
+
+
 # ---------------------------------------------------------------------------- the commands
 
 
