@@ -100,9 +100,11 @@ def caption_frames(caption: Caption, min_side: int = 256, smooth: bool = True
                                 fill=(255, 214, 0))
                 d.text((pad + x, y), words[i], font=font, fill=(0, 0, 0))
             y += line_h
+        # "beta", not "β": Pillow's bundled font has no Greek letters
         info = "the whole caption" if t is None else (
-            f"word {t + 1}/{len(words)}   β = {float(np.asarray(caption.beta)[t]):.2f}")
-        d.text((pad, y), info, font=font, fill=(90, 90, 90))
+            f"word {t + 1}/{len(words)}   beta = {float(np.asarray(caption.beta)[t]):.2f}")
+        # black: a grey would be mapped to whatever palette colour is nearest in a GIF frame
+        d.text((pad, y), info, font=font, fill=(0, 0, 0))
         return canvas
 
     return [frame(None)] + [frame(t) for t in range(len(words))]
