@@ -4,6 +4,7 @@ animations, references, the inspect command, and the serve endpoint."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import threading
@@ -99,6 +100,21 @@ def test_map_quantisation_roundtrip():
         assert np.abs(upsample_attention(back[t], (56, 56)) - ref).max() < 0.01
 
 
+def test_small_images_pick_the_smaller_encoding():
+    from showattend.report.build import image_data_uri
+
+    flat = np.zeros((64, 64, 3), np.uint8)
+    flat[10:30, 20:40] = (255, 0, 0)
+    noisy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    photo = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    assert image_data_uri(flat).startswith("data:image/png;")  # lossless where it is compact
+    assert image_data_uri(noisy).startswith("data:image/jpeg;")
+    assert image_data_uri(photo).startswith("data:image/jpeg;")
+    small = image_data_uri(photo, max_side=150)
+    with Image.open(io.BytesIO(base64.b64decode(small.split(",", 1)[1]))) as im:
+        assert im.size == (150, 100)
+
+
 def test_name_models(tmp_path):
     (tmp_path / "runs" / "soft").mkdir(parents=True)
     f = tmp_path / "runs" / "soft" / "best.pt"
@@ -158,8 +174,15 @@ def test_report_data_is_the_models_output(built, test_images):
     assert len(page["images"]) == 5
     for e, im, path in zip(rep.entries, page["images"], test_images):
         assert im["name"] == path.name and len(im["refs"]) >= 1
-        # both models see the same 64×64 view: one embedded picture, lossless PNG
-        assert len(im["views"]) == 1 and im["views"][0].startswith("data:image/png;base64,")
+        # both models see the same 64×64 view: one embedded picture (PNG or JPEG, the smaller)
+        assert len(im["views"]) == 1
+        mime, b64 = im["views"][0].split(";base64,")
+        pic = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), np.int16)
+        view = e.captions[0].view.astype(np.int16)
+        if mime == "data:image/png":
+            assert np.array_equal(pic, view)
+        else:
+            assert mime == "data:image/jpeg" and np.abs(pic - view).mean() < 6
         for mi, (name, api) in enumerate(models.items()):
             [c] = api.caption([path], beam=2, alternatives=True)
             r = im["results"][mi]

@@ -34,7 +34,7 @@ __all__ = ["ModelInfo", "Entry", "Report", "decode_maps", "encode_maps", "image_
            "name_models", "render_page"]
 
 FORMAT_VERSION = 1
-_PNG_MAX_PIXELS = 128 * 128  # tiny images (the built-in data) stay lossless: PNG beats JPEG there
+_PNG_MAX_PIXELS = 128 * 128  # up to this size an image may stay lossless (PNG), see image_data_uri
 _JPEG_QUALITY = 85
 
 
@@ -97,22 +97,29 @@ def decode_maps(data: str, peaks: Sequence[float], grid: tuple[int, int]) -> np.
 
 
 def image_data_uri(view: np.ndarray, max_side: int | None = None) -> str:
-    """A data: URI of an (H, W, 3) uint8 image: PNG when tiny, else JPEG; optionally shrunk so its
-    longer side is at most ``max_side`` (maps and boxes are placed in the view's own pixels, so the
-    page scales them to whatever size the picture has)."""
+    """A data: URI of an (H, W, 3) uint8 image: JPEG (PNG when tiny and compact); optionally
+    shrunk so its longer side is at most ``max_side`` (maps and boxes are placed in the view's own
+    pixels, so the page scales them to whatever size the picture has)."""
     img = Image.fromarray(np.asarray(view, dtype=np.uint8))
     if max_side and max(img.size) > max_side:
         scale = max_side / max(img.size)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                          Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    if img.width * img.height <= _PNG_MAX_PIXELS:
-        img.save(buf, format="PNG", optimize=True)
-        mime = "image/png"
-    else:
-        img.save(buf, format="JPEG", quality=_JPEG_QUALITY, optimize=True)
-        mime = "image/jpeg"
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    tiny = img.width * img.height <= _PNG_MAX_PIXELS
+    jpeg = io.BytesIO()
+    # tiny images are drawn enlarged: finer quantisation and full-resolution colour there (a
+    # 64×64 picture's few-pixel shapes lose their colour to chroma subsampling), ~2.6 KB each
+    img.save(jpeg, format="JPEG", quality=92 if tiny else _JPEG_QUALITY,
+             subsampling=0 if tiny else 2, optimize=True)
+    best, mime = jpeg.getvalue(), "image/jpeg"
+    if tiny:
+        # lossless when that is not much larger (flat synthetic pictures); a noisy background
+        # compresses far better as JPEG
+        png = io.BytesIO()
+        img.save(png, format="PNG", optimize=True)
+        if len(png.getvalue()) <= 1.25 * len(best):
+            best, mime = png.getvalue(), "image/png"
+    return f"data:{mime};base64," + base64.b64encode(best).decode("ascii")
 
 
 def _beam_record(c: Caption) -> dict[str, Any]:
