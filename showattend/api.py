@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class Caption:
     locations: np.ndarray  # (n_words,) attended grid cell (argmax or sampled)
     boxes: list[tuple[float, float, float, float]] | None  # hard attention: crop box per word (px)
     view: np.ndarray = field(repr=False)  # (H, W, 3) uint8: the preprocessed image the model saw
+    # caption(..., alternatives=True): the K beam hypotheses, ranked (the first is this caption)
+    alternatives: list[Caption] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """JSON record: image, caption, words, score, attention (per word H×W), beta."""
@@ -48,6 +50,29 @@ class Caption:
         if self.boxes is not None:
             rec["boxes"] = [list(b) for b in self.boxes]
         return rec
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the interactive attention view of this caption (words, maps, β, beams)."""
+        from showattend.report import Report
+
+        return Report.from_captions({"model": [self]})._repr_html_()
+
+
+class Captions(list):
+    """The list ``caption()`` returns; in Jupyter it shows itself as the interactive view."""
+
+    def __init__(self, items=(), model: dict[str, Any] | None = None):
+        super().__init__(items)
+        self.model = model or {}  # how they were made: attention kind, grid, beam, mode
+
+    def _repr_html_(self) -> str:
+        from showattend.report import ModelInfo, Report
+
+        if not self:
+            return "<p>no captions</p>"
+        info = ModelInfo(name="model", **self.model) if self.model else None
+        return Report.from_captions({"model": list(self)},
+                                    models=[info] if info else None)._repr_html_()
 
 
 def crop_boxes(locations: np.ndarray, grid: tuple[int, int], window: int,
@@ -107,8 +132,10 @@ class CaptionerAPI:
     @torch.no_grad()
     def caption(self, images: Sequence[ImageLike] | ImageLike, beam: int | None = None,
                 max_len: int | None = None, mode: str | None = None,
-                batch_size: int = 16) -> list[Caption]:
-        """Caption images (paths or PIL images); an unreadable one raises ImageLoadError."""
+                batch_size: int = 16, alternatives: bool = False) -> Captions:
+        """Caption images (paths or PIL images); an unreadable one raises ImageLoadError.
+
+        ``alternatives``: also keep every beam's hypothesis in ``Caption.alternatives``."""
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
         beam = beam or self.config.eval.beam
@@ -118,40 +145,56 @@ class CaptionerAPI:
             chunk = list(images[start: start + batch_size])
             views = [self.preprocess.view(im) for im in chunk]  # (H, W, 3) each
             batch = torch.stack([self.preprocess(Image.fromarray(v)) for v in views])  # (B, 3, H, W)
-            out.extend(self._caption_batch(chunk, views, batch, beam, max_len, mode))
-        return out
+            out.extend(self._caption_batch(chunk, views, batch, beam, max_len, mode,
+                                           alternatives))
+        return Captions(out, model={
+            "attention": self.attention_kind, "grid": tuple(self.model.grid), "beam": beam,
+            "mode": mode or self.model.test_mode,
+            "window": int(getattr(self.model.decoder.attention, "window", 1))})
 
-    def _caption_batch(self, chunk, views, batch, beam, max_len, mode) -> list[Caption]:
+    def _caption_batch(self, chunk, views, batch, beam, max_len, mode,
+                       alternatives: bool = False) -> list[Caption]:
         from showattend.training import autocast
 
         with autocast(self.config.train.precision, self.device):  # bf16 models on CUDA
             feats = self.model.encode(batch.to(self.device))  # (B, L, D)
             dec = decode(self.model, feats, beam=beam, max_len=max_len,
                          length_norm=self.config.eval.length_norm, mode=mode,
-                         no_repeat_ngram=self.config.eval.no_repeat_ngram)
-        gh, gw = self.model.grid
+                         no_repeat_ngram=self.config.eval.no_repeat_ngram,
+                         keep_beams=alternatives)
+        k = dec.tokens.shape[0] // len(chunk)  # rows per image: K with alternatives, else 1
         res = []
         for j, src in enumerate(chunk):
-            n = int(dec.lengths[j])
-            words = self.vocab.decode(dec.tokens[j, :n].tolist())
-            locs = dec.locations[j, :n].cpu().numpy()
-            boxes = None
-            # a crop box exists where one location was used: argmax or sample (not expectation/mc)
-            if self.attention_kind == "hard" and (mode or self.model.test_mode) in ("argmax",
-                                                                                    "sample"):
-                boxes = crop_boxes(locs, (gh, gw), self.model.decoder.attention.window,
-                                   views[j].shape[:2])
-            res.append(Caption(
-                image=str(src) if not isinstance(src, Image.Image) else "<PIL.Image>",
-                caption=" ".join(words), words=words, score=float(dec.scores[j]),
-                # .float(): numpy has no bfloat16
-                attention=dec.alphas[j, :n].reshape(n, gh, gw).float().cpu().numpy(),
-                beta=dec.betas[j, :n].float().cpu().numpy(), locations=locs, boxes=boxes,
-                view=views[j]))
+            name = str(src) if not isinstance(src, Image.Image) else "<PIL.Image>"
+            # a beam at -inf (more beams than the vocabulary could fill) is no hypothesis
+            rows = [self._row_caption(dec, j * k + r, name, views[j], mode) for r in range(k)
+                    if r == 0 or torch.isfinite(dec.scores[j * k + r])]
+            # a copy heads the list, so no Caption holds itself (no cycles for repr, eq, pickle)
+            res.append(replace(rows[0], alternatives=rows) if alternatives else rows[0])
         return res
 
+    def _row_caption(self, dec, row: int, name: str, view: np.ndarray, mode) -> Caption:
+        """The Caption held in row ``row`` of a decoding result."""
+        gh, gw = self.model.grid
+        n = int(dec.lengths[row])
+        words = self.vocab.decode(dec.tokens[row, :n].tolist())
+        locs = dec.locations[row, :n].cpu().numpy()
+        boxes = None
+        # a crop box exists where one location was used: argmax or sample (not expectation/mc)
+        if self.attention_kind == "hard" and (mode or self.model.test_mode) in ("argmax",
+                                                                                "sample"):
+            boxes = crop_boxes(locs, (gh, gw), self.model.decoder.attention.window,
+                               view.shape[:2])
+        return Caption(
+            image=name, caption=" ".join(words), words=words, score=float(dec.scores[row]),
+            # .float(): numpy has no bfloat16
+            attention=dec.alphas[row, :n].reshape(n, gh, gw).float().cpu().numpy(),
+            beta=dec.betas[row, :n].float().cpu().numpy(), locations=locs, boxes=boxes,
+            view=view)
+
     def caption_paths(self, inputs: Sequence[str | os.PathLike], beam: int | None = None,
-                      mode: str | None = None, batch_size: int = 16, workers: int | None = None
+                      mode: str | None = None, batch_size: int = 16, workers: int | None = None,
+                      alternatives: bool = False
                       ) -> Iterator[tuple[Path, Caption | None, str | None]]:
         """Caption files and folders; yields (path, caption, None) or (path, None, reason), in
         path order. Files are decoded and preprocessed by ``workers`` DataLoader processes (None:
@@ -165,7 +208,8 @@ class CaptionerAPI:
             good = [it for it in items if it.error is None]
             caps = iter(self._caption_batch(
                 [str(it.path) for it in good], [it.view for it in good],
-                torch.stack([it.pixels for it in good]), beam, max_len, mode) if good else [])
+                torch.stack([it.pixels for it in good]), beam, max_len, mode,
+                alternatives) if good else [])
             for it in items:
                 yield (it.path, None, it.error) if it.error is not None else (it.path, next(caps),
                                                                              None)

@@ -194,6 +194,66 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_models(checkpoints: list[str], device: str) -> tuple[dict, dict[str, str]]:
+    """{name: loaded model} and {name: checkpoint} for repeated --checkpoint [NAME=]PATH."""
+    import showattend
+    from showattend.report import name_models
+
+    paths = name_models(checkpoints)
+    return {n: showattend.load(p, device=device) for n, p in paths.items()}, paths
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from showattend.report import Report, read_references
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the report's file name")
+    refs = read_references(args.references) if args.references else None
+    models, paths = _load_models(args.checkpoint, args.device)
+    report = Report.build(models, args.images, references=refs, beam=args.beam, mode=args.mode,
+                          checkpoints=paths, title=args.title, progress=not args.quiet)
+    for path, reason in report.skipped:
+        print(f"showattend: skipped: {reason}", file=sys.stderr)
+    if not report.entries:
+        raise UserError("no readable images in the given paths")
+    report.save(out)
+    parts = [f"{out} ({out.stat().st_size / 1e6:.2f} MB)"]
+    if args.json:
+        report.save_json(args.json)
+        parts.append(f"{args.json}")
+    if args.animations:
+        files = report.save_animations(args.animations, fmt=args.animation_format)
+        parts.append(f"{len(files)} animations in {args.animations}")
+    n_refs = sum(1 for e in report.entries if e.references)
+    print(f"inspect: {len(report.entries)} images x {len(models)} models"
+          f"{f', {n_refs} with references' if refs else ''} -> {', '.join(parts)}")
+    if refs is not None and n_refs == 0:
+        print(f"showattend: warning: no image matched a name in {args.references}",
+              file=sys.stderr)
+    return 1 if report.skipped else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from showattend.serve import serve
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port number")
+    if args.max_upload_mb <= 0:
+        raise UserError("--max-upload-mb must be positive")
+    models, paths = _load_models(args.checkpoint, args.device)
+
+    def ready(url: str) -> None:
+        print(f"serving {url}  ({', '.join(models)}; Ctrl-C stops)", flush=True)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print("showattend: warning: listening beyond this machine; anyone who can reach "
+                  f"{args.host} can use the model", file=sys.stderr, flush=True)
+
+    serve(models, host=args.host, port=args.port, beam=args.beam, mode=args.mode,
+          checkpoints=paths, max_upload=int(args.max_upload_mb * 1024 * 1024), ready=ready)
+    return 0
+
+
 def _unique_name(path: Path, used: set[str]) -> str:
     """Overlay file name for ``path``: its stem, numbered when two inputs share one."""
     name, n = f"{path.stem}.png", 1
@@ -279,6 +339,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-decoding processes running ahead of the model (default: up to "
                         "2 for more than one batch, 0 = none)")
     c.set_defaults(func=cmd_caption)
+
+    i = sub.add_parser("inspect", help="interactive HTML report of the attention of one or more "
+                       "models on images (self-contained, opens from disk)")
+    i.add_argument("images", nargs="+", help="image files or folders")
+    i.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
+                   help="checkpoint or run directory; repeat to compare models side by side")
+    i.add_argument("--out", default="report.html", help="the HTML file to write")
+    i.add_argument("--references", help="reference captions: COCO captions json, Karpathy "
+                   "split file, Flickr token file or {image name: [captions]}")
+    i.add_argument("--beam", type=int, default=None, help="beam size; all beams are shown")
+    i.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
+                   help="hard attention test-time mode")
+    i.add_argument("--json", help="also write the data (words, maps, β, scores, boxes) as JSON")
+    i.add_argument("--animations", metavar="DIR",
+                   help="also write one animation per image and model here")
+    i.add_argument("--animation-format", choices=("gif", "apng"), default="gif")
+    i.add_argument("--title", help="the report's title")
+    i.add_argument("--device", default="auto")
+    i.set_defaults(func=cmd_inspect)
+
+    sv = sub.add_parser("serve", help="local web page: drop a photo, inspect its attention")
+    sv.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
+                   help="checkpoint or run directory; repeat for several models")
+    sv.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    sv.add_argument("--beam", type=int, default=None)
+    sv.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
+                   help="hard attention test-time mode")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="largest accepted upload (default 20)")
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -112,10 +112,12 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
 @torch.no_grad()
 def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
                 length_norm: float = 0.0, mode: str | None = None,
-                no_repeat_ngram: int = 0) -> Decoded:
+                no_repeat_ngram: int = 0, keep_beams: bool = False) -> Decoded:
     """Batched beam search; returns the best of ``beam`` finished hypotheses per image.
 
     Ranking of finished hypotheses uses score / (words + 1) ** length_norm (0 = raw log-prob).
+    ``keep_beams``: return all K finished hypotheses instead, as B·K rows (image-major, each
+    image's K in ranked order, best first; row i·K is what ``keep_beams=False`` returns).
     Each step stores only its new word, attention map and a back-pointer per beam; the best
     sequence is rebuilt at the end (no re-copying of histories). An image whose beams have all
     ended leaves the working batch, so late steps cost only what the still-open images need.
@@ -197,30 +199,38 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     ranked = final
     if length_norm:
         ranked = final / (final_len.float() + 1) ** length_norm
-    best_k = ranked.argmax(1)  # (B,)
-    imgs = torch.arange(b, device=dev)
-    cur = imgs * k + best_k  # (B,) global row of each image's best beam
+    if keep_beams:  # stable: among equal scores the lower beam comes first, as argmax picks it
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices  # (B, K)
+    else:
+        order = ranked.argmax(1, keepdim=True)  # (B, 1)
+    n_out = order.shape[1]
+    imgs = torch.arange(b, device=dev).repeat_interleave(n_out)  # (R,) R = B·n_out output rows
+    order = order.reshape(-1)  # (R,)
+    cur = imgs * k + order  # (R,) global row of each output's final beam
+    last_r = last[imgs]  # (R,)
     t_run = int(last.max()) + 1
-    toks = torch.full((b, t_run), PAD_ID, dtype=torch.long, device=dev)
-    alphas = feats.new_zeros(b, t_run, n_cells)
-    betas = feats.new_zeros(b, t_run)
-    locs = torch.zeros(b, t_run, dtype=torch.long, device=dev)
+    r = len(cur)
+    toks = torch.full((r, t_run), PAD_ID, dtype=torch.long, device=dev)
+    alphas = feats.new_zeros(r, t_run, n_cells)
+    betas = feats.new_zeros(r, t_run)
+    locs = torch.zeros(r, t_run, dtype=torch.long, device=dev)
     for t in range(t_run - 1, -1, -1):  # follow the back-pointers from each image's last step
-        live = last >= t  # (B,)
+        live = last_r >= t  # (R,)
         toks[:, t] = torch.where(live, h_tok[t, cur], toks[:, t])
         alphas[:, t] = torch.where(live.unsqueeze(1), h_alpha[t, cur], alphas[:, t])
         betas[:, t] = torch.where(live, h_beta[t, cur], betas[:, t])
         locs[:, t] = torch.where(live, h_loc[t, cur], locs[:, t])
         cur = torch.where(live, h_from[t, cur], cur)
-    return _finish(toks, final[imgs, best_k], alphas, betas, locs)
+    return _finish(toks, final[imgs, order], alphas, betas, locs)
 
 
 def decode(model, feats: torch.Tensor, beam: int = 1, max_len: int = 20, length_norm: float = 0.0,
-           mode: str | None = None, no_repeat_ngram: int = 0) -> Decoded:
-    """Greedy for beam 1, beam search otherwise."""
+           mode: str | None = None, no_repeat_ngram: int = 0, keep_beams: bool = False) -> Decoded:
+    """Greedy for beam 1, beam search otherwise (``keep_beams``: B·beam rows, see beam_search)."""
     if beam <= 1:
         return greedy(model, feats, max_len, mode, no_repeat_ngram)
-    return beam_search(model, feats, beam, max_len, length_norm, mode, no_repeat_ngram)
+    return beam_search(model, feats, beam, max_len, length_norm, mode, no_repeat_ngram,
+                       keep_beams=keep_beams)
 
 
 def _test_mode(model) -> str:

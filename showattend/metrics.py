@@ -27,6 +27,7 @@ __all__ = [
     "SHAPES",
     "SIZE_WORDS",
     "caption_metrics",
+    "caption_scores",
     "diagnostics",
     "grounding",
     "read_coco_results",
@@ -228,6 +229,33 @@ def caption_metrics(
             warnings.warn("SPICE skipped: it needs Java and Stanford CoreNLP, which "
                           "pycocoevalcap downloads at run time", RuntimeWarning, stacklevel=2)
     return scores
+
+
+def caption_scores(
+    results: Mapping[Any, str], references: Mapping[Any, Sequence[str]]
+) -> dict[Any, dict[str, float]]:
+    """Per-caption BLEU-4 and CIDEr: {key: {"BLEU-4": b, "CIDEr": c}} for every key of ``results``.
+
+    The same tokenizer and scorers as :func:`caption_metrics` (no METEOR, no SPICE). CIDEr's
+    document frequencies come from the references given here, so a caption's CIDEr depends on the
+    set it is scored with (with one image every n-gram is in every document and CIDEr is 0).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    ids = _check_caption_inputs(results, references)  # type: ignore[arg-type]
+    java = _java_available()
+    if not java:
+        _warn_once("no-java", "Java not found: METEOR skipped, simple tokenizer used")
+    raw = {("ref", i): list(references[i]) for i in ids}
+    raw.update({("hyp", i): [results[i]] for i in ids})
+    tok = _tokenize(raw, java)
+    # both scorers return per-image values in the order of the gts keys
+    gts = {n: tok[("ref", i)] for n, i in enumerate(ids)}
+    res = {n: tok[("hyp", i)] for n, i in enumerate(ids)}
+    _, bleu = Bleu(4).compute_score(gts, res, verbose=0)  # bleu[3]: BLEU-4 per image
+    _, cider = Cider().compute_score(gts, res)
+    return {i: {"BLEU-4": float(bleu[3][n]), "CIDEr": float(cider[n])} for n, i in enumerate(ids)}
 
 
 def _spice(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float | None:

@@ -125,6 +125,12 @@ def test_wheel_install_runs_the_demo_outside_the_checkout(tmp_path: Path) -> Non
     assert "demo (soft attention): test BLEU-4" in demo.stdout
     assert (elsewhere / "run" / "best.pt").is_file()
     assert len(list((elsewhere / "run" / "overlays").glob("*.png"))) == 1
+    # the report page's template, script and style are package data inside the wheel
+    report = _run([exe, "-q", "inspect", "run/data/images/test", "--checkpoint", "run", "--out",
+                   "r.html", "--beam", "1"], cwd=elsewhere)
+    assert report.returncode == 0, report.stderr[-2000:]
+    page = (elsewhere / "r.html").read_text("utf-8")
+    assert "window.showattend = " in page and "{{JS}}" not in page and "{{CSS}}" not in page
     named = _run([exe, "train", "--config", "demo_hard", "--out_dir=x", "train.epochs=0"],
                  cwd=elsewhere)  # a named config resolves in the installed package (then 0 fails)
     assert "train.epochs must be > 0" in named.stderr, named.stderr
