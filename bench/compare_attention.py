@@ -86,8 +86,8 @@ def overlays(out: Path, data: Path, names: list[str], labels: dict[str, str], de
     """Every variant's words, maps and windows on the same test image (one row per variant)."""
     import showattend
     from showattend.data.coco import read_coco_captions
-    from showattend.visualize import (head_attention_figure, save_attention_figure,
-                                      variants_figure)
+    from showattend.io import atomic_savefig
+    from showattend.visualize import head_attention_figure, variants_figure
 
     rec = read_coco_captions(data / "captions_test.json", data, "test")[image_index]
     rows, view = [], None
@@ -96,12 +96,25 @@ def overlays(out: Path, data: Path, names: list[str], labels: dict[str, str], de
         [c] = cap.caption([rec.path], beam=3)
         view = c.view
         rows.append((labels.get(name, name), c.words, c.attention, c.boxes))
-        if c.head_attention is not None:
-            save_attention_figure(head_attention_figure(c.view, c.words, c.attention,
-                                                        c.head_attention, title=c.caption),
-                                  dest / "attention_heads.png")
-    save_attention_figure(variants_figure(view, rows), dest / "attention_family.png")
+        if c.head_attention is not None:  # the first 5 words keep the PNG small
+            k = min(5, len(c.words))
+            atomic_savefig(head_attention_figure(c.view, c.words[:k], c.attention[:k],
+                                                 c.head_attention[:k], title=c.caption),
+                           dest / "attention_heads.png", dpi=60)
+    atomic_savefig(variants_figure(view, rows), dest / "attention_family.png", dpi=60)
+    _palette(dest / "attention_family.png", dest / "attention_heads.png")
     print(f"overlays of test image {Path(rec.path).name} -> {dest}")
+
+
+def _palette(*paths: Path) -> None:
+    """256-colour PNGs: the noisy shapes backgrounds make true-colour overlays large."""
+    from PIL import Image
+
+    for p in paths:
+        if p.is_file():
+            with Image.open(p) as im:
+                small = im.convert("RGB").quantize(256)
+            small.save(p, optimize=True)
 
 
 def main() -> None:

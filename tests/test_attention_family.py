@@ -434,3 +434,53 @@ def test_glimpses_refuse_a_feature_cache_with_a_clear_error():
         use_features(cfg, model, folder)
     off = load_config(None, ["attention.kind=glimpse_stn", "data.features=off"])
     assert use_features(off, model, folder) is False
+
+
+# --- end to end: train, caption --json, overlays ------------------------------------------------
+
+@pytest.mark.parametrize("kind, extra", [
+    ("local", ["attention.heads=2"]),
+    ("glimpse_gaussian", []),
+    ("glimpse_hard", []),
+])
+def test_cli_trains_and_captions_every_family_member_with_json_and_overlays(
+        tmp_path, capsys, shapes_dir, kind, extra):
+    import json
+
+    import numpy as np
+
+    from conftest import tiny_toml
+    from showattend.cli import main
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(tiny_toml(tmp_path / "run", shapes_dir, kind="soft", n_train=24, n_eval=8,
+                             epochs=1, batch_size=12))
+    assert main(["-q", "train", "--config", str(cfg), f'attention.kind="{kind}"',
+                 "attention.glimpse_size=12", *extra]) == 0
+    images = sorted((shapes_dir / "images" / "test").glob("*.png"))[:2]
+    capsys.readouterr()
+    assert main(["-q", "caption", *map(str, images), "--checkpoint", str(tmp_path / "run"),
+                 "--json", "--overlay-dir", str(tmp_path / "ov")]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 2
+    for rec in records:
+        n = len(rec["words"])
+        att = np.asarray(rec["attention"])
+        assert att.shape == (n, 8, 8)
+        np.testing.assert_allclose(att.sum((1, 2)), 1.0, rtol=1e-4)
+        if "heads=2" in " ".join(extra):
+            heads = np.asarray(rec["head_attention"])  # (n, 2, 8, 8), their mean is "attention"
+            assert heads.shape == (n, 2, 8, 8)
+            np.testing.assert_allclose(heads.mean(1), att, atol=1e-5)
+        else:
+            assert "head_attention" not in rec
+        if "heads=2" in " ".join(extra):  # several local windows: per head in the maps only
+            assert "boxes" not in rec
+            continue
+        boxes = np.asarray(rec["boxes"])  # the window looked at for every word, in pixels
+        assert boxes.shape == (n, 4)
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 64).all()
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        if kind == "glimpse_hard":  # the 12-pixel crop around the chosen cell
+            np.testing.assert_allclose((boxes[:, 2:] - boxes[:, :2]).max(), 12)
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 2
