@@ -36,19 +36,25 @@ class Caption:
     attention: np.ndarray  # (n_words, h, w), each map sums to 1
     beta: np.ndarray  # (n_words,) gate value per word
     locations: np.ndarray  # (n_words,) attended grid cell (argmax or sampled)
-    boxes: list[tuple[float, float, float, float]] | None  # hard attention: crop box per word (px)
+    # the window looked at per word (px): hard-attention crop, glimpse window, local window
+    boxes: list[tuple[float, float, float, float]] | None
     view: np.ndarray = field(repr=False)  # (H, W, 3) uint8: the preprocessed image the model saw
     # caption(..., alternatives=True): the K beam hypotheses, ranked (the first is this caption)
     alternatives: list[Caption] = field(default_factory=list, repr=False, compare=False)
+    # multi-head attention: (n_words, heads, h, w) one map per head (``attention`` is their mean)
+    head_attention: np.ndarray | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """JSON record: image, caption, words, score, attention (per word H×W), beta."""
+        """JSON record: image, caption, words, score, attention (per word H×W), beta; boxes
+        where a window was looked at; head_attention (per word, per head H×W) for several heads."""
         rec = {"image": self.image, "caption": self.caption, "words": self.words,
                "score": round(self.score, 6),
                "attention": np.round(self.attention, 6).tolist(),
                "beta": np.round(self.beta, 6).tolist()}
         if self.boxes is not None:
             rec["boxes"] = [list(b) for b in self.boxes]
+        if self.head_attention is not None:
+            rec["head_attention"] = np.round(self.head_attention, 6).tolist()
         return rec
 
     def _repr_html_(self) -> str:
@@ -88,6 +94,24 @@ def crop_boxes(locations: np.ndarray, grid: tuple[int, int], window: int,
         j0, j1 = max(0, j - r), min(gw, j + r + 1)
         boxes.append((j0 * w / gw, i0 * h / gh, j1 * w / gw, i1 * h / gh))
     return boxes
+
+
+def _aux_for_caption(aux: dict[str, torch.Tensor] | None, j: int, n: int, size: tuple[int, int],
+                     grid: tuple[int, int], boxes, no_window: bool):
+    """(boxes in px, per-head maps (n, H, h, w)) of image j's n words from Decoded.aux.
+    ``no_window``: a stochastic kind decoded by expectation/mc looked at no single window."""
+    if not aux:
+        return boxes, None
+    h, w = size
+    if "window" in aux and not no_window:
+        win = aux["window"][j, :n].float().cpu().numpy()  # (n, 4) fractions x0, y0, x1, y1
+        boxes = [(float(x0 * w), float(y0 * h), float(x1 * w), float(y1 * h))
+                 for x0, y0, x1, y1 in win.tolist()]
+    heads = None
+    if "heads" in aux:
+        hm = aux["heads"][j, :n]  # (n, H, L)
+        heads = hm.reshape(n, hm.shape[1], *grid).float().cpu().numpy()
+    return boxes, heads
 
 
 def iter_image_paths(inputs: Sequence[str | os.PathLike]) -> Iterator[Path]:
@@ -185,12 +209,16 @@ class CaptionerAPI:
                                                                                 "sample"):
             boxes = crop_boxes(locs, (gh, gw), self.model.decoder.attention.window,
                                view.shape[:2])
+        boxes, heads = _aux_for_caption(dec.aux, row, n, view.shape[:2], (gh, gw), boxes,
+                                        self.model.stochastic
+                                        and (mode or self.model.test_mode)
+                                        not in ("argmax", "sample"))
         return Caption(
             image=name, caption=" ".join(words), words=words, score=float(dec.scores[row]),
             # .float(): numpy has no bfloat16
             attention=dec.alphas[row, :n].reshape(n, gh, gw).float().cpu().numpy(),
             beta=dec.betas[row, :n].float().cpu().numpy(), locations=locs, boxes=boxes,
-            view=view)
+            view=view, head_attention=heads)
 
     def caption_paths(self, inputs: Sequence[str | os.PathLike], beam: int | None = None,
                       mode: str | None = None, batch_size: int = 16, workers: int | None = None,
@@ -215,9 +243,14 @@ class CaptionerAPI:
                                                                              None)
 
     def overlay(self, caption: Caption, smooth: bool = True):
-        """Figure: the image the model saw, then one heat-map panel per word (β in the title)."""
-        from showattend.visualize import attention_figure
+        """Figure: the image the model saw, then one heat-map panel per word (β in the title);
+        with several heads, one row per word: the mean map, then each head's."""
+        from showattend.visualize import attention_figure, head_attention_figure
 
+        if caption.head_attention is not None:
+            return head_attention_figure(caption.view, caption.words, caption.attention,
+                                         caption.head_attention, boxes=caption.boxes,
+                                         title=caption.caption)
         return attention_figure(caption.view, caption.words, caption.attention, caption.beta,
                                 boxes=caption.boxes, title=caption.caption)
 

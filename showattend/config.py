@@ -60,18 +60,28 @@ class EncoderConfig:
     channels: int = 128  # shapes_cnn width (last stage)
     coords: bool = True  # append 2 coordinate channels (x, y in [-1, 1]) to every annotation
     fine_tune_blocks: int = 0  # pretrained backbones: number of last blocks trained (0 = frozen)
+    # Transformer encoder layers over the annotation grid (0 = none). They run after the CNN (and
+    # after a feature cache), on the decoder side, so they train even when the CNN is frozen.
+    self_attention_layers: int = 0
+    self_attention_heads: int = 4  # heads of those layers
+    self_attention_dim: int = 128  # their width (annotations are projected in and back out)
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Attention mechanism: soft (deterministic) or hard (stochastic crop)."""
+    """Attention mechanism: soft, hard, local, or a glimpse on the image's pixels."""
 
-    kind: str = "soft"  # "soft" | "hard"
+    # soft | hard | local | glimpse_hard | glimpse_gaussian | glimpse_stn (models/kinds.py)
+    kind: str = "soft"
     score: str = "additive"  # additive | general | scaled_dot | cosine
     dim: int = 128  # attention MLP / projection width
     window: int = 1  # hard: crop size k (odd); k=1 is the paper's hard attention
     test_mode: str = "argmax"  # hard at test time: expectation | argmax | sample | mc
     mc_samples: int = 8  # hard, test_mode "mc": samples averaged per step
+    heads: int = 1  # soft and local: heads with their own projections (1 = the paper's single map)
+    local_window: int = 5  # local: side of the square window of cells around the predicted centre
+    local_sigma: float = 0.0  # local: σ of the distance Gaussian in cells (0 = Luong: half-width/2)
+    glimpse_size: int = 16  # glimpse_*: side in pixels of the glimpse the glimpse network encodes
 
 
 @dataclass(frozen=True)
@@ -271,7 +281,8 @@ _CHOICES = {
     ("data", "features"): ("auto", "off"),
     ("data", "on_bad_image"): ("skip", "error"),
     ("encoder", "resize"): ("stretch", "crop"),
-    ("attention", "kind"): ("soft", "hard"),
+    ("attention", "kind"): ("soft", "hard", "local", "glimpse_hard", "glimpse_gaussian",
+                            "glimpse_stn"),
     ("attention", "score"): ("additive", "general", "scaled_dot", "cosine"),
     ("attention", "test_mode"): ("expectation", "argmax", "sample", "mc"),
     ("decoder", "beta"): ("none", "scalar", "channel"),
@@ -320,6 +331,7 @@ def validate(cfg: Config) -> None:
     if cfg.attention.window < 1 or cfg.attention.window % 2 != 1:
         raise ConfigError("attention.window must be a positive odd number (the crop is centred "
                           "on the sampled cell)")
+    _validate_attention_family(cfg)
     if not 0.0 <= cfg.decoder.dropout < 1.0:
         raise ConfigError("decoder.dropout must be in [0, 1)")
     if not 0.0 <= cfg.hard.baseline_decay < 1.0:
@@ -335,6 +347,41 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.lr_final must be in [0, 1] (a fraction of train.lr)")
     if not 0 < cfg.train.lr < math.inf:
         raise ConfigError("train.lr must be a finite number > 0")
+
+
+def _validate_attention_family(cfg: Config) -> None:
+    """Keys of the local / multi-head / self-attention / glimpse variants (models/kinds.py)."""
+    a, e = cfg.attention, cfg.encoder
+    if a.heads < 1:
+        raise ConfigError("attention.heads must be >= 1")
+    if a.heads > 1 and a.kind not in ("soft", "local"):
+        raise ConfigError(f"attention.heads = {a.heads}: several heads exist for soft and local "
+                          f"attention only, not {a.kind}")
+    if a.dim % a.heads:
+        raise ConfigError(f"attention.dim = {a.dim} must be divisible by attention.heads = "
+                          f"{a.heads} (each head gets dim / heads)")
+    if a.local_window < 1:
+        raise ConfigError("attention.local_window must be >= 1 (cells)")
+    if not a.local_sigma >= 0:
+        raise ConfigError("attention.local_sigma must be >= 0 (0 = local_window / 4; inf = no "
+                          "Gaussian)")
+    if a.glimpse_size < 4:
+        raise ConfigError("attention.glimpse_size must be >= 4 pixels")
+    if a.kind.startswith("glimpse_"):
+        if e.image_size % e.grid:
+            raise ConfigError(f"{a.kind} attention carries the image's pixels cell by cell: "
+                              f"encoder.image_size = {e.image_size} must be divisible by "
+                              f"encoder.grid = {e.grid}")
+        if a.glimpse_size > e.image_size:
+            raise ConfigError(f"attention.glimpse_size = {a.glimpse_size} is larger than the "
+                              f"image (encoder.image_size = {e.image_size})")
+    if e.self_attention_layers < 0:
+        raise ConfigError("encoder.self_attention_layers must be >= 0")
+    if e.self_attention_heads < 1 or e.self_attention_dim < 1:
+        raise ConfigError("encoder.self_attention_heads and encoder.self_attention_dim must be > 0")
+    if e.self_attention_dim % e.self_attention_heads:
+        raise ConfigError(f"encoder.self_attention_dim = {e.self_attention_dim} must be divisible "
+                          f"by encoder.self_attention_heads = {e.self_attention_heads}")
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:

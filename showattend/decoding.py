@@ -26,6 +26,9 @@ class Decoded(NamedTuple):
     alphas: torch.Tensor  # (B, T, L) attention distribution at each step
     betas: torch.Tensor  # (B, T) gate value at each step
     locations: torch.Tensor  # (B, T) attended cell (sampled / argmax)
+    # per-step extras of the attention kinds that have them (AttentionOutput.aux), (B, T, ...):
+    # "heads" (B, T, H, L), "window" (B, T, 4); None for soft and hard attention
+    aux: dict[str, torch.Tensor] | None = None
 
 
 def _mask_logp(logp: torch.Tensor, t: int, max_len: int) -> torch.Tensor:
@@ -39,13 +42,20 @@ def _mask_logp(logp: torch.Tensor, t: int, max_len: int) -> torch.Tensor:
 
 
 def _finish(tokens: torch.Tensor, scores: torch.Tensor, alphas: torch.Tensor, betas: torch.Tensor,
-            locs: torch.Tensor) -> Decoded:
+            locs: torch.Tensor, aux: dict[str, torch.Tensor] | None = None) -> Decoded:
     is_end = tokens == END_ID  # (B, T)
     # every sequence contains <end> (forced at max_len), so argmax finds its first position
     lengths = is_end.int().argmax(1)  # (B,)
     pos = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
     tokens = tokens.masked_fill(pos.unsqueeze(0) > lengths.unsqueeze(1), PAD_ID)
-    return Decoded(tokens, lengths, scores, alphas, betas, locs)
+    return Decoded(tokens, lengths, scores, alphas, betas, locs, aux or None)
+
+
+def _stack_aux(steps: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
+    """Greedy: per-step aux dicts → {name: (B, T, ...)}."""
+    if not steps or not steps[0]:
+        return None
+    return {k: torch.stack([s[k] for s in steps], 1) for k in steps[0]}
 
 
 def _block_repeats(logp: torch.Tensor, hist: torch.Tensor, n: int) -> torch.Tensor:
@@ -85,7 +95,7 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
     done = torch.zeros(b, dtype=torch.bool, device=feats.device)
     score = feats.new_zeros(b)
     hist = prev.unsqueeze(1)  # (B, 1) only read when blocking repeats
-    toks, alphas, betas, locs = [], [], [], []
+    toks, alphas, betas, locs, aux = [], [], [], [], []
     for t in range(max_len + 1):
         out = model.decoder.step(mem, state, prev, mode)
         logp = torch.log_softmax(out.logits.float(), -1)  # (B, V)
@@ -99,6 +109,7 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
         alphas.append(out.attn.alpha)
         betas.append(out.beta)
         locs.append(out.attn.location)
+        aux.append(out.attn.aux)
         done = done | (tok == END_ID)
         state, prev = out.state, tok
         if no_repeat_ngram:
@@ -106,7 +117,7 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
         if bool(done.all()):
             break
     return _finish(torch.stack(toks, 1), score, torch.stack(alphas, 1), torch.stack(betas, 1),
-                   torch.stack(locs, 1))
+                   torch.stack(locs, 1), _stack_aux(aux))
 
 
 @torch.no_grad()
@@ -134,6 +145,7 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     h_alpha = feats.new_zeros(steps, b * k, n_cells)
     h_beta = feats.new_zeros(steps, b * k)
     h_loc = torch.zeros(steps, b * k, dtype=torch.long, device=dev)
+    h_aux: dict[str, torch.Tensor] = {}  # attention extras (per-head maps, windows), same rows
     final = torch.zeros(b, k, device=dev)  # scores of the finished beams (fp32 logp)
     final_len = torch.zeros(b, k, dtype=torch.long, device=dev)  # words before <end>
     last = torch.zeros(b, dtype=torch.long, device=dev)  # step at which each image finished
@@ -173,6 +185,10 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
         h_alpha[t, rows] = out.attn.alpha[origin].to(h_alpha.dtype)  # bf16 under autocast
         h_beta[t, rows] = out.beta[origin].to(h_beta.dtype)
         h_loc[t, rows] = out.attn.location[origin]
+        for name, v in (out.attn.aux or {}).items():
+            if name not in h_aux:
+                h_aux[name] = v.new_zeros(steps, b * k, *v.shape[1:])
+            h_aux[name][t, rows] = v[origin].to(h_aux[name].dtype)
         n_words = n_words[origin] + ((~done[origin]) & (tok != END_ID)).long()
         # a beam at -inf (more beams than the vocabulary can fill) can never win: count it done
         done = done[origin] | (tok == END_ID) | scores.reshape(-1).isinf()
@@ -214,14 +230,18 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     alphas = feats.new_zeros(r, t_run, n_cells)
     betas = feats.new_zeros(r, t_run)
     locs = torch.zeros(r, t_run, dtype=torch.long, device=dev)
+    aux = {name: v.new_zeros(r, t_run, *v.shape[2:]) for name, v in h_aux.items()}
     for t in range(t_run - 1, -1, -1):  # follow the back-pointers from each image's last step
         live = last_r >= t  # (R,)
         toks[:, t] = torch.where(live, h_tok[t, cur], toks[:, t])
         alphas[:, t] = torch.where(live.unsqueeze(1), h_alpha[t, cur], alphas[:, t])
         betas[:, t] = torch.where(live, h_beta[t, cur], betas[:, t])
         locs[:, t] = torch.where(live, h_loc[t, cur], locs[:, t])
+        for name, v in h_aux.items():
+            keep = live.view(-1, *([1] * (v.dim() - 2)))
+            aux[name][:, t] = torch.where(keep, v[t, cur], aux[name][:, t])
         cur = torch.where(live, h_from[t, cur], cur)
-    return _finish(toks, final[imgs, order], alphas, betas, locs)
+    return _finish(toks, final[imgs, order], alphas, betas, locs, aux)
 
 
 def decode(model, feats: torch.Tensor, beam: int = 1, max_len: int = 20, length_norm: float = 0.0,

@@ -189,7 +189,7 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     # DDP averages gradients over ranks: each rank's per-token (and per-image) means are weighted
     # by its share of the global batch, so the step is that of one process on the whole batch
     w_tok = D.token_weight(int(mask.sum()), dist)[0]
-    if core.attention_kind == "soft":
+    if not core.stochastic:  # soft, local, multi-head, differentiable glimpses
         out = model(imgs, caps, feats=imgs if features else None)
         ce = masked_cross_entropy(out.logits, targets)
         ds = doubly_stochastic(out.alphas, mask)
@@ -325,7 +325,7 @@ def train_one_epoch(model: Captioner, optimizer: torch.optim.Optimizer, dataset:
             continue
         imgs, caps = imgs.to(device, non_blocking=True), caps.to(device, non_blocking=True)
         # stats are computed on the step that will be logged (after the increment below)
-        want_stats = (core.attention_kind == "hard"
+        want_stats = (core.stochastic
                       and (state.step + 1) % cfg.train.log_every == 0)
         with autocast(cfg.train.precision, device):
             loss, rec = train_step(model, imgs, caps, cfg, state, stats=want_stats,
@@ -436,7 +436,10 @@ def score_results(results: list[dict[str, Any]], records: list[ImageRecord],
 
 def _build_optimizer(model: Captioner, cfg: C.TrainConfig) -> torch.optim.Optimizer:
     enc = [p for p in model.encoder.parameters() if p.requires_grad]
-    dec = [p for p in model.decoder.parameters() if p.requires_grad]
+    # everything outside the encoder: the decoder and the self-attention layers (which train
+    # even when the CNN is frozen); same order as before for the plain model (resumable)
+    in_enc = {id(p) for p in model.encoder.parameters()}
+    dec = [p for p in model.parameters() if p.requires_grad and id(p) not in in_enc]
     groups = [{"params": dec, "lr": cfg.lr, "base_lr": cfg.lr}]
     if enc:
         elr = cfg.encoder_lr or cfg.lr
@@ -556,7 +559,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
                                 f"checkpoint has {len(saved_vocab)}; the training data changed")
         vocab = saved_vocab
     model = Captioner.from_config(cfg, len(vocab)).to(device)
-    if cfg.attention.kind == "hard" and cfg.hard.warm_start and ckpt is None:
+    if model.stochastic and cfg.hard.warm_start and ckpt is None:
         warm = load_checkpoint(cfg.hard.warm_start)
         if Vocab.from_dict(warm["vocab"]) != vocab:
             raise TrainingError(f"hard.warm_start {cfg.hard.warm_start}: vocabulary differs from "
@@ -596,7 +599,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
         # single-process stream); the parameters are rank 0's, broadcast by DDP
         if ckpt is None and not main:
             torch.manual_seed(cfg.train.seed + 1000 * dist.rank)
-    train_model = D.wrap(model, dist, device, find_unused=cfg.attention.kind == "hard")
+    train_model = D.wrap(model, dist, device, find_unused=model.stochastic)
     C_dict = C.to_dict(cfg)
     log_path = out / "metrics.jsonl"
     if main:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # annotations only: matplotlib is imported when a figure is m
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["attention_figure", "plot_curves", "save_attention_figure", "upsample_attention"]
+__all__ = ["attention_figure", "head_attention_figure", "plot_curves", "save_attention_figure",
+           "upsample_attention", "variants_figure"]
 
 Box = tuple[float, float, float, float]
 
@@ -160,6 +161,98 @@ def attention_figure(
         ax.set_xlim(0, W)
         ax.set_ylim(H, 0)
         ax.set_axis_off()
+    return fig
+
+
+def head_attention_figure(
+    image: np.ndarray,
+    words: Sequence[str],
+    alphas: np.ndarray,
+    head_alphas: np.ndarray,
+    boxes: Sequence[Box | None] | None = None,
+    title: str | None = None,
+    panel_inches: float = 1.5,
+) -> Figure:
+    """Multi-head attention: one row per word, the mean map first, then one panel per head.
+
+    ``alphas`` (T, h, w) the mean map, ``head_alphas`` (T, H, h, w); ``boxes`` per word drawn on
+    the mean panel (e.g. local attention's window). Returns a Figure of T × (H + 1) axes.
+    """
+    img = np.asarray(image)
+    a = np.asarray(alphas, dtype=np.float64)
+    ha = np.asarray(head_alphas, dtype=np.float64)
+    T = len(words)
+    if a.ndim != 3 or a.shape[0] != T or ha.ndim != 4 or ha.shape[0] != T \
+            or ha.shape[2:] != a.shape[1:]:
+        raise ValueError(f"maps {a.shape} and per-head maps {ha.shape} do not match {T} words "
+                         f"(expected (T, h, w) and (T, H, h, w))")
+    if boxes is not None and len(boxes) != T:
+        raise ValueError(f"{len(boxes)} boxes for {T} words")
+    H, W = img.shape[:2]
+    n_heads = ha.shape[1]
+    ncols, nrows = n_heads + 1, max(T, 1)
+    fig = _new_figure(ncols * panel_inches, nrows * (panel_inches * H / W + 0.3) + 0.4)
+    if title:
+        fig.suptitle(_escape(title), fontsize=10)
+    extent = (0, W, H, 0)
+    cmap = "gray" if img.ndim == 2 else None
+    for t, word in enumerate(words):
+        maps = [a[t]] + [ha[t, k] for k in range(n_heads)]
+        for k, m in enumerate(maps):
+            ax = fig.add_subplot(nrows, ncols, t * ncols + k + 1)
+            heat = upsample_attention(m, (H, W))
+            ax.imshow(img, extent=extent, cmap=cmap, interpolation="nearest")
+            ax.imshow(heat, extent=extent, cmap="jet", vmin=0.0, vmax=1.0,
+                      alpha=0.15 + 0.55 * heat, interpolation="bilinear")
+            name = "mean" if k == 0 else f"head {k}"
+            ax.set_title(f"{_escape(word)}: {name}" if k == 0 else name, fontsize=8)
+            if k == 0 and boxes is not None and boxes[t] is not None:
+                _draw_box(ax, boxes[t])
+            ax.set_xlim(0, W)
+            ax.set_ylim(H, 0)
+            ax.set_axis_off()
+    return fig
+
+
+def variants_figure(
+    image: np.ndarray,
+    rows: Sequence[tuple[str, Sequence[str], np.ndarray, Sequence[Box | None] | None]],
+    panel_inches: float = 1.1,
+) -> Figure:
+    """Several models on one image: one row per model (label, words, maps (T, h, w), boxes per
+    word or None), a panel per word with its map and box. Rows may have different lengths."""
+    img = np.asarray(image)
+    if not rows:
+        raise ValueError("variants_figure: no rows")
+    for label, words, alphas, boxes in rows:
+        if np.asarray(alphas).shape[0] != len(words) or (boxes is not None
+                                                         and len(boxes) != len(words)):
+            raise ValueError(f"variants_figure: row {label!r}: maps/boxes do not match "
+                             f"{len(words)} words")
+    H, W = img.shape[:2]
+    ncols = max(len(r[1]) for r in rows) + 1
+    panel_h = panel_inches * H / W
+    fig = _new_figure(ncols * panel_inches, len(rows) * (panel_h + 0.4))
+    extent = (0, W, H, 0)
+    cmap = "gray" if img.ndim == 2 else None
+    for r, (label, words, alphas, boxes) in enumerate(rows):
+        ax = fig.add_subplot(len(rows), ncols, r * ncols + 1)
+        ax.imshow(img, extent=extent, cmap=cmap, interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(_escape(label), width=16)), fontsize=6)
+        ax.set_axis_off()
+        a = np.asarray(alphas, dtype=np.float64)
+        for t, word in enumerate(words):
+            ax = fig.add_subplot(len(rows), ncols, r * ncols + t + 2)
+            heat = upsample_attention(a[t], (H, W))
+            ax.imshow(img, extent=extent, cmap=cmap, interpolation="nearest")
+            ax.imshow(heat, extent=extent, cmap="jet", vmin=0.0, vmax=1.0,
+                      alpha=0.15 + 0.55 * heat, interpolation="bilinear")
+            ax.set_title(_escape(word), fontsize=7)
+            if boxes is not None and boxes[t] is not None:
+                _draw_box(ax, boxes[t])
+            ax.set_xlim(0, W)
+            ax.set_ylim(H, 0)
+            ax.set_axis_off()
     return fig
 
 

@@ -228,6 +228,12 @@ def use_features(cfg: Any, model: Any, folder: PreparedFolder) -> bool:
     if not folder.has_features:
         log.info("%s has no feature cache: encoding images from the store", folder.path)
         return False
+    if getattr(model, "needs_pixels", False):
+        # a glimpse is taken from the pixels at every word; the cache holds CNN features only
+        raise PreparedDataError(
+            f"attention.kind = {model.attention_kind!r} takes glimpses of the image's pixels, "
+            f"but the feature cache in {folder.path} holds CNN features only: set "
+            f"data.features = \"off\" to read the images from the store")
     why = folder.feature_mismatch(cfg, model.encoder)
     if why is not None:
         raise PreparedDataError(

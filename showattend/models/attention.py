@@ -106,6 +106,10 @@ class AttentionOutput(NamedTuple):
     log_prob: torch.Tensor  # (B,) log α at the sampled location (zeros for soft / expectation)
     entropy: torch.Tensor  # (B,) entropy of α in nats
     location: torch.Tensor  # (B,) chosen cell (argmax for soft / expectation)
+    # Extra per-step tensors (B, ...) that decoding carries along with α (kinds.py variants):
+    # "heads" (B, H, L) one map per head, "window" (B, 4) the looked-at box (x0, y0, x1, y1) as
+    # fractions of the image. None for soft and hard attention.
+    aux: dict[str, torch.Tensor] | None = None
 
 
 def _entropy(alpha: torch.Tensor) -> torch.Tensor:
@@ -116,6 +120,8 @@ class SoftAttention(nn.Module):
     """Deterministic soft attention: z = Σ_i α_i a_i."""
 
     kind = "soft"
+    stochastic = False  # trained by backpropagation alone (no sampled locations)
+    needs_pixels = False  # attends to annotations only (glimpses read the image itself)
 
     def __init__(self, score: nn.Module, grid: tuple[int, int]):
         super().__init__()
@@ -145,6 +151,8 @@ class HardAttention(nn.Module):
     """
 
     kind = "hard"
+    stochastic = True  # sampled locations: REINFORCE terms in training, a test_mode at decoding
+    needs_pixels = False
 
     def __init__(self, score: nn.Module, grid: tuple[int, int], window: int = 1, mc_samples: int = 8):
         super().__init__()

@@ -7,9 +7,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from showattend.models.attention import HardAttention, Memory, SoftAttention, build_score
+from showattend.models.attention import Memory
 from showattend.models.decoder import Decoder
 from showattend.models.encoder import Encoder, build_encoder
+from showattend.models.glimpse import pack_pixels
+from showattend.models.kinds import AttentionArgs, build_attention
+from showattend.models.selfattn import GridSelfAttention
 from showattend.vocab import PAD_ID
 
 
@@ -26,11 +29,16 @@ class CaptionerOutput(NamedTuple):
 class Captioner(nn.Module):
     """Show, Attend and Tell captioner."""
 
-    def __init__(self, encoder: Encoder, decoder: Decoder, test_mode: str = "expectation"):
+    def __init__(self, encoder: Encoder, decoder: Decoder, test_mode: str = "expectation",
+                 self_attention: nn.Module | None = None):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.test_mode = test_mode  # attention mode used by decoding (hard: argmax/sample/...)
+        # Transformer layers over the annotations (selfattn.py). Applied in ``memory``, after
+        # the CNN and after a feature cache, so they train even when the CNN is frozen; absent
+        # by default so that checkpoints of the plain model load unchanged.
+        self.self_attention = self_attention
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -40,48 +48,82 @@ class Captioner(nn.Module):
     def attention_kind(self) -> str:
         return self.decoder.attention.kind
 
+    @property
+    def stochastic(self) -> bool:
+        """Sampled attention locations (hard, glimpse_hard): REINFORCE in training, test modes."""
+        return bool(getattr(self.decoder.attention, "stochastic", False))
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Glimpse attention reads the image at every word: ``encode`` packs its pixels in."""
+        return bool(getattr(self.decoder.attention, "needs_pixels", False))
+
+    @property
+    def feat_dim(self) -> int:
+        """Width D of the annotations (the encoder's output, before any packed pixels)."""
+        return self.encoder.out_dim
+
     @classmethod
     def from_config(cls, cfg, vocab_size: int) -> Captioner:
         """Map a Config to explicit constructor arguments (tests build models without configs)."""
         enc = build_encoder(cfg.encoder.backbone, cfg.encoder.weights, cfg.encoder.grid,
                             cfg.encoder.channels, cfg.encoder.coords, cfg.encoder.fine_tune_blocks)
-        return cls.build(enc, vocab_size, attention=cfg.attention.kind, score=cfg.attention.score,
-                         attn_dim=cfg.attention.dim, window=cfg.attention.window,
-                         mc_samples=cfg.attention.mc_samples, embed_dim=cfg.decoder.embed_dim,
+        a, e = cfg.attention, cfg.encoder
+        return cls.build(enc, vocab_size, attention=a.kind, score=a.score,
+                         attn_dim=a.dim, window=a.window,
+                         mc_samples=a.mc_samples, embed_dim=cfg.decoder.embed_dim,
                          hidden_dim=cfg.decoder.hidden_dim, dropout=cfg.decoder.dropout,
                          beta=cfg.decoder.beta, deep_output=cfg.decoder.deep_output,
-                         test_mode=cfg.attention.test_mode)
+                         test_mode=a.test_mode, heads=a.heads, local_window=a.local_window,
+                         local_sigma=a.local_sigma, glimpse_size=a.glimpse_size,
+                         self_attention_layers=e.self_attention_layers,
+                         self_attention_heads=e.self_attention_heads,
+                         self_attention_dim=e.self_attention_dim)
 
     @classmethod
     def build(cls, encoder: Encoder, vocab_size: int, attention: str = "soft",
               score: str = "additive", attn_dim: int = 128, window: int = 1, mc_samples: int = 8,
               embed_dim: int = 64, hidden_dim: int = 256, dropout: float = 0.3,
               beta: str = "scalar", deep_output: bool = True,
-              test_mode: str = "argmax") -> Captioner:
-        """Assemble a captioner around ``encoder``."""
+              test_mode: str = "argmax", heads: int = 1, local_window: float = 5,
+              local_sigma: float = 0.0, glimpse_size: int = 16, self_attention_layers: int = 0,
+              self_attention_heads: int = 4, self_attention_dim: int = 128) -> Captioner:
+        """Assemble a captioner around ``encoder`` (attention kinds: models/kinds.py)."""
         grid = (encoder.grid, encoder.grid)
-        sc = build_score(score, encoder.out_dim, hidden_dim, attn_dim)
-        if attention == "soft":
-            attn: nn.Module = SoftAttention(sc, grid)
-        elif attention == "hard":
-            attn = HardAttention(sc, grid, window=window, mc_samples=mc_samples)
-        else:
-            raise ValueError(f"unknown attention kind {attention!r}")
+        attn = build_attention(attention, AttentionArgs(
+            feat_dim=encoder.out_dim, hidden_dim=hidden_dim, grid=grid, score=score,
+            attn_dim=attn_dim, window=window, mc_samples=mc_samples, heads=heads,
+            local_window=local_window, local_sigma=local_sigma, glimpse_size=glimpse_size))
         dec = Decoder(vocab_size, encoder.out_dim, attn, embed_dim, hidden_dim, dropout, beta,
                       deep_output)
-        return cls(encoder, dec, test_mode if attention == "hard" else "expectation")
+        sa = (GridSelfAttention(encoder.out_dim, grid, self_attention_layers,
+                                self_attention_heads, self_attention_dim, dropout)
+              if self_attention_layers > 0 else None)
+        return cls(encoder, dec, test_mode if getattr(attn, "stochastic", False)
+                   else "expectation", sa)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) → annotations (B, L, D)."""
-        return self.encoder(images)
+        """images (B, 3, H, W) → annotations (B, L, D).
+
+        Glimpse attention: (B, L, D + 3·p²), each cell's p×p pixels appended to its annotation
+        (glimpse.pack_pixels), so everything that passes annotations around carries the image.
+        """
+        feats = self.encoder(images)  # (B, L, D)
+        if self.needs_pixels:
+            feats = torch.cat([feats, pack_pixels(images, self.grid).to(feats.dtype)], -1)
+        return feats
 
     def memory(self, feats: torch.Tensor) -> Memory:
-        """Per-image attention memory (projections computed once)."""
+        """Per-image attention memory (projections computed once; self-attention layers first)."""
+        if self.self_attention is not None:
+            d = self.feat_dim
+            ctx = self.self_attention(feats[..., :d])  # (B, L, D): packed pixels pass untouched
+            feats = torch.cat([ctx, feats[..., d:]], -1) if feats.shape[-1] > d else ctx
         return self.decoder.attention.precompute(feats)
 
     def default_mode(self) -> str:
         """Attention mode for teacher-forced training: sample for hard, expectation for soft."""
-        return "sample" if self.attention_kind == "hard" else "expectation"
+        return "sample" if self.stochastic else "expectation"
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor, mode: str | None = None,
                 mix: torch.Tensor | None = None, feats: torch.Tensor | None = None,

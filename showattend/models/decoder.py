@@ -69,7 +69,8 @@ class Decoder(nn.Module):
 
     def init_state(self, feats: torch.Tensor) -> State:
         """h_0, c_0 from the mean annotation: feats (B, L, D)."""
-        mean = feats.mean(1)  # (B, D)
+        # glimpse models append each cell's pixels after the D annotation channels: not for h_0
+        mean = feats[..., : self.init_h.in_features].mean(1)  # (B, D)
         return State(torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))
 
     def _gated_context(self, mem: Memory, h: torch.Tensor, mode: str, mix: torch.Tensor | None,
@@ -122,7 +123,7 @@ class Decoder(nn.Module):
         x_emb = torch.addmm(bias, emb.reshape(b * t_in, e_dim), w_ih[:, :e_dim].t())
         x_emb = x_emb.reshape(b, t_in, 4 * n_hid)  # (B, T, 4N): the embedding half of the gates
         w_z, w_hh_t = w_ih[:, e_dim:].t(), w_hh.t()  # (D, 4N), (N, 4N)
-        mem = Memory(*(x[order] for x in mem))
+        mem = type(mem)(*(x[order] for x in mem))  # Memory or a variant's (kinds.py)
         h, c = state.h[order], state.c[order]  # (B, N)
         mix = mix[order] if mix is not None else None
         if noise is None and mode == "sample":
@@ -134,7 +135,7 @@ class Decoder(nn.Module):
             n = active[t]
             if n < h.shape[0]:  # captions sorted longest first: the live rows are a prefix
                 h, c = h[:n], c[:n]
-                mem = Memory(*(x[:n] for x in mem))
+                mem = type(mem)(*(x[:n] for x in mem))
                 mix = mix[:n] if mix is not None else None
             attn, z, beta = self._gated_context(mem, h, mode, mix,
                                                 noise[:n, t] if noise is not None else None)
