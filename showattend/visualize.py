@@ -147,21 +147,28 @@ def attention_figure(
     ax.set_axis_off()
 
     for t, word in enumerate(words):
-        ax = fig.add_subplot(nrows, ncols, t + 2)
-        heat = upsample_attention(a[t], (H, W))  # (H, W) in [0, 1]
-        ax.imshow(img, extent=extent, cmap=cmap, interpolation="nearest")
-        # Opacity grows with the heat so unattended regions keep the image readable.
-        ax.imshow(heat, extent=extent, cmap="jet", vmin=0.0, vmax=1.0,
-                  alpha=0.15 + 0.55 * heat, interpolation="bilinear")
         label = _escape(word) if b is None else f"{_escape(word)} (β={b[t]:.2f})"
-        ax.set_title(label, fontsize=10)
-        box = None if boxes is None else boxes[t]
-        if box is not None:
-            _draw_box(ax, box)
-        ax.set_xlim(0, W)
-        ax.set_ylim(H, 0)
-        ax.set_axis_off()
+        _heat_panel(fig.add_subplot(nrows, ncols, t + 2), img, a[t], label, 10,
+                    None if boxes is None else boxes[t])
     return fig
+
+
+def _heat_panel(ax: Axes, img: np.ndarray, alpha: np.ndarray, title: str, fontsize: float,
+                box: Box | None = None) -> None:
+    """One word's panel: the image, its attention map (h, w) upsampled over it, title, box."""
+    H, W = img.shape[:2]
+    extent = (0, W, H, 0)  # pixel r on [r, r+1), the coordinates of attention cells and boxes
+    heat = upsample_attention(alpha, (H, W))  # (H, W) in [0, 1]
+    ax.imshow(img, extent=extent, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+    # Opacity grows with the heat so unattended regions keep the image readable.
+    ax.imshow(heat, extent=extent, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.15 + 0.55 * heat,
+              interpolation="bilinear")
+    ax.set_title(title, fontsize=fontsize)
+    if box is not None:
+        _draw_box(ax, box)
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_axis_off()
 
 
 def head_attention_figure(
@@ -194,23 +201,12 @@ def head_attention_figure(
     fig = _new_figure(ncols * panel_inches, nrows * (panel_inches * H / W + 0.3) + 0.4)
     if title:
         fig.suptitle(_escape(title), fontsize=10)
-    extent = (0, W, H, 0)
-    cmap = "gray" if img.ndim == 2 else None
     for t, word in enumerate(words):
         maps = [a[t]] + [ha[t, k] for k in range(n_heads)]
         for k, m in enumerate(maps):
-            ax = fig.add_subplot(nrows, ncols, t * ncols + k + 1)
-            heat = upsample_attention(m, (H, W))
-            ax.imshow(img, extent=extent, cmap=cmap, interpolation="nearest")
-            ax.imshow(heat, extent=extent, cmap="jet", vmin=0.0, vmax=1.0,
-                      alpha=0.15 + 0.55 * heat, interpolation="bilinear")
-            name = "mean" if k == 0 else f"head {k}"
-            ax.set_title(f"{_escape(word)}: {name}" if k == 0 else name, fontsize=8)
-            if k == 0 and boxes is not None and boxes[t] is not None:
-                _draw_box(ax, boxes[t])
-            ax.set_xlim(0, W)
-            ax.set_ylim(H, 0)
-            ax.set_axis_off()
+            _heat_panel(fig.add_subplot(nrows, ncols, t * ncols + k + 1), img, m,
+                        f"{_escape(word)}: mean" if k == 0 else f"head {k}", 8,
+                        boxes[t] if k == 0 and boxes is not None else None)
     return fig
 
 
@@ -242,17 +238,8 @@ def variants_figure(
         ax.set_axis_off()
         a = np.asarray(alphas, dtype=np.float64)
         for t, word in enumerate(words):
-            ax = fig.add_subplot(len(rows), ncols, r * ncols + t + 2)
-            heat = upsample_attention(a[t], (H, W))
-            ax.imshow(img, extent=extent, cmap=cmap, interpolation="nearest")
-            ax.imshow(heat, extent=extent, cmap="jet", vmin=0.0, vmax=1.0,
-                      alpha=0.15 + 0.55 * heat, interpolation="bilinear")
-            ax.set_title(_escape(word), fontsize=7)
-            if boxes is not None and boxes[t] is not None:
-                _draw_box(ax, boxes[t])
-            ax.set_xlim(0, W)
-            ax.set_ylim(H, 0)
-            ax.set_axis_off()
+            _heat_panel(fig.add_subplot(len(rows), ncols, r * ncols + t + 2), img, a[t],
+                        _escape(word), 7, None if boxes is None else boxes[t])
     return fig
 
 
