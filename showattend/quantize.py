@@ -41,5 +41,4 @@ def quantize_decoder(model: Captioner) -> Captioner:
 
         model.decoder = quantize_dynamic(model.decoder.eval(), {nn.Linear, nn.LSTMCell},
                                          dtype=torch.qint8)
-    model.quantized = True
     return model
