@@ -168,7 +168,7 @@ class CaptionerAPI:
         for start in range(0, len(images), batch_size):
             chunk = list(images[start: start + batch_size])
             views = [self.preprocess.view(im) for im in chunk]  # (H, W, 3) each
-            batch = torch.stack([self.preprocess(Image.fromarray(v)) for v in views])  # (B, 3, H, W)
+            batch = torch.stack([self.preprocess.normalize(v) for v in views])  # (B, 3, H, W)
             out.extend(self._caption_batch(chunk, views, batch, beam, max_len, mode,
                                            alternatives))
         return Captions(out, model={
