@@ -153,7 +153,11 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     work = torch.arange(b, device=dev)  # images still searching
     # the annotation projection and h_0/c_0 depend on the image only: once per image, then K rows
     mem = model.memory(feats)
-    mem = type(mem)(*(x.repeat_interleave(k, 0) for x in mem))  # each (B·K, ...)
+    # kinds that share memory score the K beams of an image against its one copy (attention.py);
+    # the others get K copies
+    shared = bool(getattr(model.decoder.attention, "shares_memory", False))
+    if not shared:
+        mem = type(mem)(*(x.repeat_interleave(k, 0) for x in mem))  # each (B·K, ...)
     state = State(*(x.repeat_interleave(k, 0) for x in model.decoder.init_state(feats)))
     scores = torch.zeros(b, k, device=dev)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
@@ -207,7 +211,7 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
                 break
             keep_rows = keep.repeat_interleave(k)  # (n·K,)
             work, scores = work[keep], scores[keep]
-            mem = type(mem)(*(x[keep_rows] for x in mem))
+            mem = type(mem)(*(x[keep if shared else keep_rows] for x in mem))
             state = State(state.h[keep_rows], state.c[keep_rows])
             prev, done, n_words = prev[keep_rows], done[keep_rows], n_words[keep_rows]
             if no_repeat_ngram:

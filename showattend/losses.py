@@ -19,15 +19,25 @@ import torch.nn.functional as F
 from showattend.vocab import PAD_ID
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood (B, T); padded targets give 0."""
+def token_nll(logits, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood (B, T); padded targets give 0.
+
+    ``logits``: a (B, T, V) tensor, or the model's teacher-forced output, whose packed rows
+    (one per computed position) are scored where they are: no (B, T, V) copy, no softmax over
+    padding.
+    """
+    if hasattr(logits, "packed_logits"):  # models.captioner.CaptionerOutput
+        b_idx, t_idx = logits.positions[:, 0], logits.positions[:, 1]  # (P,)
+        nll_p = F.cross_entropy(logits.packed_logits, targets[b_idx, t_idx], reduction="none",
+                                ignore_index=PAD_ID)  # (P,)
+        return nll_p.new_zeros(targets.shape).index_put((b_idx, t_idx), nll_p)  # (B, T)
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
                           ignore_index=PAD_ID)  # (B, T)
     return nll
 
 
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean NLL over non-padded tokens: logits (B, T, V), targets (B, T)."""
+def masked_cross_entropy(logits, targets: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over non-padded tokens: logits (B, T, V) or the model output, targets (B, T)."""
     mask = targets != PAD_ID
     return token_nll(logits, targets).sum() / mask.sum().clamp_min(1)
 
@@ -47,13 +57,14 @@ class HardLoss(NamedTuple):
     advantage: torch.Tensor  # (B,) r − b (zero for samples that used the expected context)
 
 
-def reinforce_loss(logits: torch.Tensor, targets: torch.Tensor, log_probs: torch.Tensor,
+def reinforce_loss(logits, targets: torch.Tensor, log_probs: torch.Tensor,
                    entropies: torch.Tensor, baseline: float, lambda_r: float, lambda_e: float,
                    sampled: torch.Tensor | None = None) -> HardLoss:
     """Stochastic hard-attention objective (Xu et al., Eq. 12) as a surrogate loss.
 
-    logits (B, T, V), targets (B, T), log_probs (B, T) = log p(s̃_t) (0 where the expected context
-    was used), entropies (B, T), sampled (B,) bool: which captions used sampled locations.
+    logits (B, T, V) or the model output (see token_nll), targets (B, T), log_probs (B, T) =
+    log p(s̃_t) (0 where the expected context was used), entropies (B, T), sampled (B,) bool:
+    which captions used sampled locations.
     """
     mask = targets != PAD_ID  # (B, T)
     n_tok = mask.sum().clamp_min(1)

@@ -31,7 +31,7 @@ from showattend.data.prepared import load_cache_encoder, make_source, use_featur
 from showattend.data.images import Preprocessor
 from showattend.decoding import decode
 from showattend.io import atomic_write_json, atomic_write_text
-from showattend.losses import doubly_stochastic, masked_cross_entropy, reinforce_loss
+from showattend.losses import doubly_stochastic, masked_cross_entropy, reinforce_loss, token_nll
 from showattend.models.captioner import Captioner
 from showattend.progress import progress_bar, write
 from showattend.vocab import PAD_ID, Vocab
@@ -191,7 +191,7 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     w_tok = D.token_weight(int(mask.sum()), dist)[0]
     if not core.stochastic:  # soft, local, multi-head, differentiable glimpses
         out = model(imgs, caps, feats=imgs if features else None)
-        ce = masked_cross_entropy(out.logits, targets)
+        ce = masked_cross_entropy(out, targets)
         ds = doubly_stochastic(out.alphas, mask)
         loss = w_tok * ce + cfg.train.alpha_c * D.token_weight(len(caps), dist)[0] * ds
         return loss, {"loss": _global_mean(loss, dist), "ce": ce.item(), "ds": ds.item()}
@@ -209,7 +209,7 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
     out = model(imgs, caps, mode=mode, mix=mix, feats=feats)
     if mode == "expectation":
         ds = doubly_stochastic(out.alphas, mask)
-        ce = masked_cross_entropy(out.logits, targets)
+        ce = masked_cross_entropy(out, targets)
         loss = w_tok * ce + cfg.train.alpha_c * D.token_weight(len(caps), dist)[0] * ds
         return loss, {"loss": _global_mean(loss, dist), "ce": float(ce.detach()),
                       "ds": float(ds.detach()), "soft_batch": 1.0}
@@ -225,15 +225,13 @@ def train_step(model: Captioner, imgs: torch.Tensor, caps: torch.Tensor, cfg: C.
         # start the moving average at the first rewards, not at 0 — of the sampled captions only,
         # like every later update (expected-context captions are not draws of the estimator)
         with torch.no_grad():
-            r0 = -torch.nn.functional.cross_entropy(
-                out.logits.transpose(1, 2), targets, ignore_index=PAD_ID,
-                reduction="none").sum(1)[sampled]  # (S,)
+            r0 = -token_nll(out, targets).sum(1)[sampled]  # (S,)
         r_sum, r_cnt = D.all_sum([float(r0.sum()), float(len(r0))], dist)
         # no sampled caption yet: the advantages are all masked to 0 anyway
         baseline = r_sum / r_cnt if r_cnt else None
     if baseline is None:
         baseline = 0.0
-    hl = reinforce_loss(out.logits, targets, out.log_probs, out.entropies, baseline, h.lambda_r,
+    hl = reinforce_loss(out, targets, out.log_probs, out.entropies, baseline, h.lambda_r,
                         h.lambda_e, sampled)
     loss = w_tok * hl.loss + cfg.train.alpha_c * D.token_weight(int((~sampled).sum()), dist)[0] * ds
     r_sum, r_cnt = D.all_sum([float(hl.reward[sampled].sum()), float(sampled.sum())], dist)

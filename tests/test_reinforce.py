@@ -151,7 +151,7 @@ def test_baseline_update_rule_through_train_step(monkeypatch, mix_mode):
 
     def spy(logits, targets_, log_probs, entropies, baseline, lambda_r, lambda_e, sampled=None):
         hl = real(logits, targets_, log_probs, entropies, baseline, lambda_r, lambda_e, sampled)
-        calls.append((baseline, hl.reward.clone(), sampled.clone(), logits.detach()))
+        calls.append((baseline, hl.reward.clone(), sampled.clone(), logits.logits.detach()))
         return hl
 
     monkeypatch.setattr(T, "reinforce_loss", spy)

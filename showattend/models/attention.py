@@ -2,6 +2,11 @@
 
 A score function maps annotations a (B, L, D) and the decoder state h (B, N) to scores e (B, L).
 Annotation-side projections are computed once per image (``precompute``), not once per word.
+
+Shared memory (beam search): the state may have g rows per image, h (B·g, N) against a memory of
+B images, rows image-major (image i owns rows i·g … i·g+g−1). Scores, contexts and crops are then
+computed against each image's one copy of the annotations and projections — the K beams of an
+image never copy them. Kinds that support this say ``shares_memory = True``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,13 @@ import torch.nn.functional as F
 
 
 class AdditiveScore(nn.Module):
-    """The paper's MLP: e_i = wᵀ tanh(W_a a_i + W_h h) + b."""
+    """The paper's MLP: e_i = wᵀ tanh(W_a a_i + W_h h) + b.
+
+    Computed as e_i = 2 wᵀ σ(2 W_a a_i + 2 W_h h) + (b − Σ w), the same function
+    (tanh u = 2σ(2u) − 1) with the same parameters: this elementwise pass over L × A values per
+    word is the attention's main cost, and the CPU's sigmoid runs about three times faster than
+    its tanh (bench/README.md). ``precompute`` therefore returns 2 (W_a a_i + b_a).
+    """
 
     def __init__(self, feat_dim: int, hidden_dim: int, attn_dim: int):
         super().__init__()
@@ -24,10 +35,63 @@ class AdditiveScore(nn.Module):
         self.out = nn.Linear(attn_dim, 1)
 
     def precompute(self, a: torch.Tensor) -> torch.Tensor:
-        return self.proj_a(a)  # (B, L, A)
+        return 2.0 * self.proj_a(a)  # (B, L, A): doubled, see the class docstring
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(keys + self.proj_h(h).unsqueeze(1))).squeeze(-1)  # (B, L)
+        q = self.proj_h(h)  # (B·g, A)
+        n, n_cells, a = keys.shape
+        g = _group(n, q)
+        w, b = _weights(self.out)  # (1, A), (1,)
+        w2, b2 = 2.0 * w.reshape(-1), b - w.sum()  # the sigmoid form's weight and bias
+        if keys.device.type == "cpu" and not (torch.is_grad_enabled() and (
+                keys.requires_grad or q.requires_grad or w.requires_grad)):
+            return _additive_scores_inference(keys, q.view(n, g, 1, a), w2, b2)  # (B·g, L)
+        s = torch.sigmoid(torch.add(keys.unsqueeze(1), q.view(n, g, 1, a), alpha=2.0))
+        return F.linear(s, w2.unsqueeze(0), b2).view(n * g, n_cells)  # (B·g, L)
+
+
+def _weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a Linear layer, float even when int8 decoding quantized it."""
+    w, b = layer.weight, layer.bias
+    w, b = (w() if callable(w) else w), (b() if callable(b) else b)
+    return (w.dequantize() if w.is_quantized else w), b
+
+
+# floats per block of the inference path: 2 MB, so each block's sigmoid and sum stay in cache
+_BLOCK = 1 << 19
+
+
+def _additive_scores_inference(keys: torch.Tensor, q: torch.Tensor, w2: torch.Tensor,
+                               b2: torch.Tensor) -> torch.Tensor:
+    """2wᵀ σ(k_i + 2q) + b − Σw without autograd, one cache-sized block of images at a time.
+
+    keys (B, L, A) (already doubled), q (B, g, 1, A) → (B·g, L). The broadcast sum over all rows
+    at once is B·g·L·A floats (160 beams × 196 cells × 512 = 64 MB at COCO sizes): written, read
+    by the sigmoid, written again, read by the projection — each pass a trip to memory, and each
+    fresh 64 MB buffer paid for in page faults. Here one reused block is filled in place and
+    reduced while it is still in cache; the arithmetic is the same.
+    """
+    n, n_cells, a = keys.shape
+    g = q.shape[1]
+    dtype = torch.result_type(keys, q)
+    scores = torch.empty(n, g, n_cells, dtype=dtype, device=keys.device)
+    per = max(1, _BLOCK // (g * n_cells * a))  # images per block
+    buf = torch.empty(min(per, n), g, n_cells, a, dtype=dtype, device=keys.device)
+    w2 = w2.to(dtype)
+    for i in range(0, n, per):
+        j = min(n, i + per)
+        blk = buf[: j - i]
+        torch.add(keys[i:j].unsqueeze(1), q[i:j], alpha=2.0, out=blk).sigmoid_()  # (m, g, L, A)
+        torch.mv(blk.view(-1, a), w2, out=scores[i:j].view(-1))
+    return scores.view(n * g, n_cells) + b2.to(dtype)
+
+
+def _group(n_images: int, rows: torch.Tensor) -> int:
+    """Rows of state per image (1 in training and greedy decoding, the beam in beam search)."""
+    g, rem = divmod(rows.shape[0], n_images) if n_images else (1, 0)
+    if rem or g < 1:
+        raise ValueError(f"{rows.shape[0]} state rows do not divide among {n_images} images")
+    return g
 
 
 class GeneralScore(nn.Module):
@@ -41,7 +105,15 @@ class GeneralScore(nn.Module):
         return a  # (B, L, D)
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(keys, self.W(h).unsqueeze(-1)).squeeze(-1)  # (B, L)
+        return _grouped_dot(keys, self.W(h))  # (B·g, L)
+
+
+def _grouped_dot(keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """k_i · q for every row: keys (B, L, A), q (B·g, A) → (B·g, L), one bmm with g columns."""
+    n, n_cells, a = keys.shape
+    g = _group(n, q)
+    e = torch.bmm(keys, q.view(n, g, a).transpose(1, 2))  # (B, L, g)
+    return e.transpose(1, 2).reshape(n * g, n_cells)
 
 
 class ScaledDotScore(nn.Module):
@@ -57,7 +129,7 @@ class ScaledDotScore(nn.Module):
         return self.k(a)  # (B, L, A)
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(keys, self.q(h).unsqueeze(-1)).squeeze(-1) * self.scale  # (B, L)
+        return _grouped_dot(keys, self.q(h)) * self.scale  # (B·g, L)
 
 
 class CosineScore(nn.Module):
@@ -74,7 +146,7 @@ class CosineScore(nn.Module):
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         q = F.normalize(self.q(h), dim=-1)  # (B, A)
-        return torch.bmm(keys, q.unsqueeze(-1)).squeeze(-1) * self.log_temp.exp()  # (B, L)
+        return _grouped_dot(keys, q) * self.log_temp.exp()  # (B·g, L)
 
 
 SCORES: dict[str, type[nn.Module]] = {
@@ -116,12 +188,20 @@ def _entropy(alpha: torch.Tensor) -> torch.Tensor:
     return -(alpha * alpha.clamp_min(1e-12).log()).sum(-1)  # (B,)
 
 
+def _grouped_context(alpha: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Σ_i α_i v_i per row: alpha (B·g, L), values (B, L, D) → (B·g, D), one bmm of g rows."""
+    n, n_cells, d = values.shape
+    g = _group(n, alpha)
+    return torch.bmm(alpha.view(n, g, n_cells), values).view(n * g, d)
+
+
 class SoftAttention(nn.Module):
     """Deterministic soft attention: z = Σ_i α_i a_i."""
 
     kind = "soft"
     stochastic = False  # trained by backpropagation alone (no sampled locations)
     needs_pixels = False  # attends to annotations only (glimpses read the image itself)
+    shares_memory = True  # g state rows per image (beam search) against one memory per image
 
     def __init__(self, score: nn.Module, grid: tuple[int, int]):
         super().__init__()
@@ -134,8 +214,8 @@ class SoftAttention(nn.Module):
     def forward(self, mem: Memory, h: torch.Tensor, mode: str = "expectation",
                 mix: torch.Tensor | None = None, noise: torch.Tensor | None = None
                 ) -> AttentionOutput:
-        alpha = torch.softmax(self.score(mem.keys, h), dim=-1)  # (B, L)
-        context = torch.bmm(alpha.unsqueeze(1), mem.feats).squeeze(1)  # (B, D)
+        alpha = torch.softmax(self.score(mem.keys, h), dim=-1)  # (B·g, L)
+        context = _grouped_context(alpha, mem.feats)  # (B·g, D)
         zeros = alpha.new_zeros(alpha.shape[0])
         return AttentionOutput(context, alpha, zeros, _entropy(alpha), alpha.argmax(-1))
 
@@ -153,6 +233,7 @@ class HardAttention(nn.Module):
     kind = "hard"
     stochastic = True  # sampled locations: REINFORCE terms in training, a test_mode at decoding
     needs_pixels = False
+    shares_memory = True
 
     def __init__(self, score: nn.Module, grid: tuple[int, int], window: int = 1, mc_samples: int = 8):
         super().__init__()
@@ -186,7 +267,8 @@ class HardAttention(nn.Module):
         logits = self.score(mem.keys, h)  # (B, L)
         alpha = torch.softmax(logits, dim=-1)  # (B, L)
         log_alpha = torch.log_softmax(logits, dim=-1)  # (B, L)
-        expected = torch.bmm(alpha.unsqueeze(1), mem.crops).squeeze(1)  # (B, D)
+        expected = _grouped_context(alpha, mem.crops)  # (B·g, D)
+        img = torch.arange(len(alpha), device=alpha.device) // _group(len(mem.crops), alpha)
         if mode == "expectation":
             loc = alpha.argmax(-1)
             return AttentionOutput(expected, alpha, alpha.new_zeros(len(alpha)), _entropy(alpha), loc)
@@ -202,15 +284,14 @@ class HardAttention(nn.Module):
             loc = (cdf <= u).sum(-1).clamp_max(alpha.shape[1] - 1)  # (B,)
         elif mode == "mc":
             locs = torch.multinomial(alpha.detach(), self.mc_samples, replacement=True)  # (B, S)
-            picked = torch.gather(mem.crops, 1, locs.unsqueeze(-1).expand(-1, -1, mem.crops.shape[-1]))
-            context = picked.mean(1)  # (B, D)
+            context = mem.crops[img.unsqueeze(1), locs].mean(1)  # (B·g, S, D) → (B·g, D)
             zeros = alpha.new_zeros(len(alpha))
             return AttentionOutput(context, alpha, zeros, _entropy(alpha), alpha.argmax(-1))
         else:
             raise ValueError(f"unknown hard attention mode {mode!r}")
         # The sampled crop is a constant w.r.t. α: gradient reaches the attention parameters only
         # through log p(s) in the score-function term (and through `expected` where mixed).
-        context = mem.crops[torch.arange(len(loc), device=loc.device), loc]  # (B, D)
+        context = mem.crops[img, loc]  # (B·g, D)
         log_prob = log_alpha.gather(1, loc.unsqueeze(1)).squeeze(1)  # (B,)
         if mix is not None:
             m = mix.to(context.dtype).unsqueeze(1)  # (B, 1)

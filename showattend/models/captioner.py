@@ -17,13 +17,26 @@ from showattend.vocab import PAD_ID
 
 
 class CaptionerOutput(NamedTuple):
-    """Teacher-forced outputs, time-major within each sample (never reordered)."""
+    """Teacher-forced outputs, time-major within each sample (never reordered).
 
-    logits: torch.Tensor  # (B, T, V)
+    The vocabulary logits are packed, one row per computed position (the fast path computes the
+    real positions only); ``logits`` spreads them over (B, T, V) with zeros elsewhere, for
+    readers that want the grid. The losses read the packed rows (losses.token_nll).
+    """
+
+    packed_logits: torch.Tensor  # (P, V)
     alphas: torch.Tensor  # (B, T, L)
     betas: torch.Tensor  # (B, T)
     log_probs: torch.Tensor  # (B, T) log p(s_t) of sampled locations (hard), zeros otherwise
     entropies: torch.Tensor  # (B, T) attention entropy per step
+    positions: torch.Tensor  # (P, 2) (caption, step) of each row of packed_logits
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(B, T, V): the packed rows at their positions, zeros where nothing was computed."""
+        b, t = self.alphas.shape[:2]
+        full = self.packed_logits.new_zeros(b, t, self.packed_logits.shape[-1])
+        return full.index_put((self.positions[:, 0], self.positions[:, 1]), self.packed_logits)
 
 
 class Captioner(nn.Module):
@@ -168,5 +181,8 @@ class Captioner(nn.Module):
             betas.append(out.beta)
             logps.append(out.attn.log_prob)
             ents.append(out.attn.entropy)
-        return CaptionerOutput(torch.stack(logits, 1), torch.stack(alphas, 1), torch.stack(betas, 1),
-                               torch.stack(logps, 1), torch.stack(ents, 1))
+        every = torch.stack(torch.meshgrid(torch.arange(b), torch.arange(t_in), indexing="ij"),
+                            -1).reshape(-1, 2).to(captions.device)  # (B·T, 2): padding included
+        return CaptionerOutput(torch.stack(logits, 1).reshape(b * t_in, -1), torch.stack(alphas, 1),
+                               torch.stack(betas, 1), torch.stack(logps, 1), torch.stack(ents, 1),
+                               every)

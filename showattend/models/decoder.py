@@ -33,13 +33,16 @@ class StepOutput(NamedTuple):
 
 
 class TeacherForced(NamedTuple):
-    """Outputs over all B·T positions; positions past a caption's end hold zeros."""
+    """Outputs over all B·T positions; positions past a caption's end hold zeros. The vocabulary
+    logits stay packed: one row per real position (``positions`` says which), since a (B, T, V)
+    copy that is mostly padding costs more than the loss computed on it."""
 
-    logits: torch.Tensor  # (B, T, V)
+    packed_logits: torch.Tensor  # (P, V)
     alphas: torch.Tensor  # (B, T, L)
     betas: torch.Tensor  # (B, T)
     log_probs: torch.Tensor  # (B, T)
     entropies: torch.Tensor  # (B, T)
+    positions: torch.Tensor  # (P, 2) (caption, step) of each packed row
 
 
 class Decoder(nn.Module):
@@ -112,22 +115,29 @@ class Decoder(nn.Module):
         """
         b, t_in = inputs.shape
         n_hid = self.lstm.hidden_size
+        dev = inputs.device
         order = torch.argsort(lengths, descending=True, stable=True)  # (B,)
         lens = lengths[order].tolist()
         steps = lens[0] if lens else 0
         active = [sum(1 for n in lens if n > t) for t in range(steps)]  # rows alive at step t
-        emb = self.embed(inputs[order])  # (B, T, E)
+        # packed positions, time-major: row r of step t is caption order[r] at position t
+        rows = torch.cat([torch.arange(n, device=dev) for n in active]) if steps else \
+            torch.zeros(0, dtype=torch.long, device=dev)  # (P,)
+        cols = torch.cat([torch.full((n,), t, device=dev, dtype=torch.long)
+                          for t, n in enumerate(active)]) if steps else rows  # (P,)
+        emb = self.embed(inputs[order[rows], cols])  # (P, E) real positions only
         e_dim = emb.shape[-1]
         w_ih, w_hh = self.lstm.weight_ih, self.lstm.weight_hh  # (4N, E + D), (4N, N)
         bias = self.lstm.bias_ih + self.lstm.bias_hh  # (4N,)
-        x_emb = torch.addmm(bias, emb.reshape(b * t_in, e_dim), w_ih[:, :e_dim].t())
-        x_emb = x_emb.reshape(b, t_in, 4 * n_hid)  # (B, T, 4N): the embedding half of the gates
+        # the embedding half of the gates, one matmul, split into the steps' (n_t, 4N) blocks
+        # (whose backward is one concatenation, not a full-size scatter per step)
+        x_emb = torch.addmm(bias, emb, w_ih[:, :e_dim].t()).split(active)
         w_z, w_hh_t = w_ih[:, e_dim:].t(), w_hh.t()  # (D, 4N), (N, 4N)
-        mem = type(mem)(*(x[order] for x in mem))  # Memory or a variant's (kinds.py)
+        mem = _reorder(mem, order)  # Memory or a variant's (kinds.py)
         h, c = state.h[order], state.c[order]  # (B, N)
         mix = mix[order] if mix is not None else None
         if noise is None and mode == "sample":
-            noise = torch.rand(b, t_in, device=inputs.device)
+            noise = torch.rand(b, t_in, device=dev)
         noise = noise[order] if noise is not None else None
         hs, zs, alphas, betas, logps, ents = [], [], [], [], [], []
         tape = GateTape()  # recurrent weight gradients: one matmul over all steps (recurrent.py)
@@ -139,7 +149,7 @@ class Decoder(nn.Module):
                 mix = mix[:n] if mix is not None else None
             attn, z, beta = self._gated_context(mem, h, mode, mix,
                                                 noise[:n, t] if noise is not None else None)
-            gates = RecurrentGates.apply(x_emb[:n, t], z, h, w_z, w_hh_t, tape, t)  # (n, 4N)
+            gates = RecurrentGates.apply(x_emb[t], z, h, w_z, w_hh_t, tape, t)  # (n, 4N)
             i, f, g, o = gates.chunk(4, 1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (n, N)
             h = torch.sigmoid(o) * torch.tanh(c)  # (n, N)
@@ -149,12 +159,7 @@ class Decoder(nn.Module):
             betas.append(beta)
             logps.append(attn.log_prob)
             ents.append(attn.entropy)
-        # packed positions, time-major: row r of step t is caption order[r] at position t
-        rows = torch.cat([torch.arange(n, device=inputs.device) for n in active]) if steps else \
-            torch.zeros(0, dtype=torch.long, device=inputs.device)  # (P,)
-        cols = torch.cat([torch.full((n,), t, device=inputs.device, dtype=torch.long)
-                          for t, n in enumerate(active)]) if steps else rows  # (P,)
-        logits_p = self._output(emb[rows, cols], torch.cat(hs) if hs else h[:0],
+        logits_p = self._output(emb, torch.cat(hs) if hs else h[:0],
                                 torch.cat(zs) if zs else mem.feats[:0, 0])  # (P, V)
         dst_b, dst_t = order[rows], cols  # where each packed position goes in (B, T)
 
@@ -165,8 +170,20 @@ class Decoder(nn.Module):
                 full = full.index_put((dst_b, dst_t), torch.cat(packed))
             return full
 
-        logits = logits_p.new_zeros(b, t_in, logits_p.shape[-1]).index_put((dst_b, dst_t),
-                                                                            logits_p)
         n_cells = mem.feats.shape[1]
-        return TeacherForced(logits, scatter(alphas, n_cells), scatter(betas), scatter(logps),
-                             scatter(ents))
+        return TeacherForced(logits_p, scatter(alphas, n_cells), scatter(betas), scatter(logps),
+                             scatter(ents), torch.stack([dst_b, dst_t], 1))
+
+
+def _reorder(mem, order: torch.Tensor):
+    """The memory's tensors in ``order`` (rows); a tensor that appears twice (soft attention's
+    crops are its annotations) is gathered once, and an order that is already sorted costs
+    nothing."""
+    if bool((order == torch.arange(len(order), device=order.device)).all()):
+        return mem
+    done: dict[int, torch.Tensor] = {}
+    for x in mem:
+        if id(x) not in done:
+            done[id(x)] = x.index_select(0, order)
+    return type(mem)(*(done[id(x)] for x in mem))
+

@@ -197,6 +197,7 @@ class HardGlimpseAttention(HardAttention):
     kind = "glimpse_hard"
     stochastic = True
     needs_pixels = True
+    shares_memory = False  # its boxes are looked up per state row
 
     def __init__(self, score: nn.Module, grid: tuple[int, int], feat_dim: int, glimpse: int = 16,
                  mc_samples: int = 8):

@@ -45,6 +45,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"heads must all be soft or all local, got {sorted(kinds)}")
         self.heads = nn.ModuleList(heads)
         self.kind = heads[0].kind
+        # each head reads its own keys and values per image: g state rows per image work when
+        # the heads' kind supports them (soft does; see attention.py)
+        self.shares_memory = bool(getattr(heads[0], "shares_memory", False))
         self.grid = heads[0].grid
         n = len(heads)
         # each head's values: about D / H wide, so W_o sees a concatenation of about D

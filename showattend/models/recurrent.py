@@ -47,9 +47,11 @@ class RecurrentGates(torch.autograd.Function):
             if t == 0:  # every later step has run its backward: sum over all positions at once
                 steps = sorted(tape.g)
                 grads = torch.cat([tape.g[s] for s in steps])  # (P, 4N)
+                # formed as (4N, ·) and returned transposed: the weights are stored (4N, ·), so
+                # their gradients then accumulate row by row instead of as a transposing copy
                 if need[3]:
-                    gwz = torch.cat([tape.z[s] for s in steps]).t().mm(grads)  # (D, 4N)
+                    gwz = grads.t().mm(torch.cat([tape.z[s] for s in steps])).t()  # (D, 4N)
                 if need[4]:
-                    gwh = torch.cat([tape.h[s] for s in steps]).t().mm(grads)  # (N, 4N)
+                    gwh = grads.t().mm(torch.cat([tape.h[s] for s in steps])).t()  # (N, 4N)
                 tape.z.clear(), tape.h.clear(), tape.g.clear()
         return g, gz, gh, gwz, gwh, None, None
