@@ -20,7 +20,9 @@ import time
 import torch
 
 from decoder_flops import build, captions_batch, sync, timed_train_step
+from showattend.config import TrainConfig
 from showattend.decoding import beam_search
+from showattend.training import build_optimizer
 
 
 def time_beam(model, feats, dev, reps: int = 2) -> float:
@@ -36,7 +38,7 @@ def time_beam(model, feats, dev, reps: int = 2) -> float:
 
 def time_train(model, step_model, feats, dev, gen, steps: int) -> tuple[float, float]:
     """(first step incl. compilation, mean of the next ``steps``) in seconds."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model, TrainConfig())  # what training uses (fused Adam)
     times = [timed_train_step(step_model, opt, captions_batch(feats.shape[0], gen, dev)[0], feats,
                               dev, contextlib.nullcontext()) for _ in range(steps + 1)]
     return times[0], sum(times[1:]) / steps

@@ -16,10 +16,12 @@ import time
 
 import torch
 
+from showattend.config import TrainConfig
 from showattend.decoding import beam_search
 from showattend.losses import doubly_stochastic, masked_cross_entropy
 from showattend.models.captioner import Captioner
 from showattend.models.encoder import Encoder, Normalisation
+from showattend.training import build_optimizer
 
 
 def build(vocab: int, dim: int, feat: int) -> Captioner:
@@ -53,7 +55,7 @@ def main() -> None:
           f"(same captions: {same})")
 
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model, TrainConfig())  # what training uses (fused Adam)
     caps = torch.randint(4, 10_000, (args.batch, 18))
     caps[:, 0], caps[:, -1] = 1, 2
     f = torch.randn(args.batch, 196, 2048).relu()
@@ -61,7 +63,7 @@ def main() -> None:
     for i in range(args.steps + 1):
         t0 = time.perf_counter()
         out = model(None, caps, feats=f)
-        loss = masked_cross_entropy(out.logits, caps[:, 1:]) + doubly_stochastic(out.alphas, caps[:, 1:] != 0)
+        loss = masked_cross_entropy(out, caps[:, 1:]) + doubly_stochastic(out.alphas, caps[:, 1:] != 0)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -27,10 +27,12 @@ import time
 
 import torch
 
+from showattend.config import TrainConfig
 from showattend.decoding import beam_search
 from showattend.losses import doubly_stochastic, masked_cross_entropy
 from showattend.models.captioner import Captioner
 from showattend.models.encoder import Encoder, Normalisation
+from showattend.training import build_optimizer
 
 V, L, D, E, N, A = 10_000, 196, 2048, 512, 512, 512
 
@@ -91,7 +93,7 @@ def timed_train_step(fwd, opt, caps: torch.Tensor, feats: torch.Tensor, dev: tor
     t0 = time.perf_counter()
     with amp:
         out = fwd(None, caps, feats=feats)
-        loss = masked_cross_entropy(out.logits, caps[:, 1:]) + doubly_stochastic(
+        loss = masked_cross_entropy(out, caps[:, 1:]) + doubly_stochastic(
             out.alphas, caps[:, 1:] != 0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -122,7 +124,7 @@ def main() -> None:
 
     # --- training ---------------------------------------------------------------------------
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model, TrainConfig())  # what training uses (fused Adam)
     feats = torch.randn(args.batch, L, D, generator=gen).relu().to(dev)  # (B, L, D)
     times, tokens = [], []
     for i in range(args.steps + 2):

@@ -432,7 +432,13 @@ def score_results(results: list[dict[str, Any]], records: list[ImageRecord],
     return out
 
 
-def _build_optimizer(model: Captioner, cfg: C.TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Captioner, cfg: C.TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the decoder (and the encoder's trainable blocks, with their own learning rate).
+
+    The fused implementation where the parameters' device has one (CPU and CUDA): on the CPU
+    the default per-parameter loop took 0.20 s per step for a COCO-sized decoder (25 M
+    parameters), the fused step 0.03 s (bench/README.md).
+    """
     enc = [p for p in model.encoder.parameters() if p.requires_grad]
     # everything outside the encoder: the decoder and the self-attention layers (which train
     # even when the CNN is frozen); same order as before for the plain model (resumable)
@@ -442,7 +448,9 @@ def _build_optimizer(model: Captioner, cfg: C.TrainConfig) -> torch.optim.Optimi
     if enc:
         elr = cfg.encoder_lr or cfg.lr
         groups.append({"params": enc, "lr": elr, "base_lr": elr})
-    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = True if devices and devices <= {"cpu", "cuda"} else None
+    return torch.optim.Adam(groups, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, decays: int, cfg: C.TrainConfig, step: int = 0,
@@ -572,7 +580,7 @@ def _fit(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None,
         # captions raw images with the same annotations the decoder learnt from
         load_cache_encoder(model, splits.prepared)
     preprocess = make_preprocess(cfg, model)
-    optimizer = _build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train)
     state = TrainState()
     if ckpt is not None:
         try:

@@ -358,12 +358,12 @@ def test_self_attention_makes_cells_depend_on_each_other():
 
 def test_self_attention_trains_when_the_cnn_is_frozen():
     from showattend.config import TrainConfig
-    from showattend.training import _build_optimizer
+    from showattend.training import build_optimizer
 
     model = build(**VARIANTS["self_attention"])
     for p in model.encoder.parameters():
         p.requires_grad_(False)
-    opt = _build_optimizer(model, TrainConfig())
+    opt = build_optimizer(model, TrainConfig())
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert all(id(p) in in_opt for p in model.self_attention.parameters())
     assert not any(id(p) in in_opt for p in model.encoder.parameters())

@@ -135,7 +135,7 @@ def make_checkpoint(path: Path, tmp: Path, data: Path,
     cfg = tiny_cfg(tmp, data, out="ckpt_cfg")
     vocab = Vocab.build(captions)
     model = Captioner.from_config(cfg, len(vocab))
-    opt = T._build_optimizer(model, cfg.train)
+    opt = T.build_optimizer(model, cfg.train)
     payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                "config": C.to_dict(cfg), "vocab": vocab.to_dict(),
                "preprocess": T.make_preprocess(cfg, model).to_dict(),
