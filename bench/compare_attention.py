@@ -57,6 +57,9 @@ def run_variant(name: str, config: str, out: Path, data: Path, args, extra: list
     t0 = time.time()
     result = fit(cfg, progress=False, evaluate_test=False)
     wall = time.time() - t0
+    if result.interrupted:  # Ctrl-C / SIGTERM: fit saved last.pt; stop instead of going on
+        raise SystemExit(f"interrupted while training {name} (its last.pt is in "
+                         f"{out / name}); no table written")
     from showattend.training import load_model
 
     model = load_model(out / name / "best.pt", "cpu")[0]
