@@ -83,7 +83,8 @@ def test_attention_on_shared_memory_equals_repeated_memory(cls, mode):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,heads", [("soft", 1), ("hard", 1), ("soft", 4)])
+@pytest.mark.parametrize("kind,heads", [("soft", 1), ("hard", 1), ("local", 1), ("soft", 4),
+                                        ("local", 4)])
 def test_beam_search_with_shared_memory_equals_repeated_memory(kind, heads, monkeypatch):
     model = tiny_model(kind)
     if heads > 1:

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from showattend.models.attention import AttentionOutput, Memory, _entropy
+from showattend.models.attention import AttentionOutput, Memory, _entropy, _grouped_context
 
 
 def cell_positions(grid: tuple[int, int]) -> torch.Tensor:
@@ -64,6 +64,7 @@ class LocalAttention(nn.Module):
     kind = "local"
     stochastic = False
     needs_pixels = False
+    shares_memory = True  # scores, centre and window are per state row; the memory per image
 
     def __init__(self, score: nn.Module, grid: tuple[int, int], hidden_dim: int, attn_dim: int,
                  window: float = 5, sigma: float = 1.0):
@@ -105,7 +106,7 @@ class LocalAttention(nn.Module):
                 mix: torch.Tensor | None = None, noise: torch.Tensor | None = None
                 ) -> AttentionOutput:
         alpha, p = self.align(mem.keys, h)  # (B, L), (B, 2)
-        context = torch.bmm(alpha.unsqueeze(1), mem.feats).squeeze(1)  # (B, D)
+        context = _grouped_context(alpha, mem.feats)  # (B·g, D)
         zeros = alpha.new_zeros(alpha.shape[0])
         return AttentionOutput(context, alpha, zeros, _entropy(alpha), alpha.argmax(-1),
                                {"window": self.window_box(p.detach())})
