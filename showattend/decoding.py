@@ -9,11 +9,14 @@ caption even when no beam ended by itself.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from showattend.models.decoder import State
+from showattend.models.packed import decoding
 from showattend.vocab import END_ID, PAD_ID, START_ID
 
 
@@ -83,7 +86,20 @@ def _block_repeats(logp: torch.Tensor, hist: torch.Tensor, n: int) -> torch.Tens
     return logp
 
 
+def _packed_weights(fn: Callable[..., Decoded]) -> Callable[..., Decoded]:
+    """Run a decoding function with the decoder's weights packed once for the whole call
+    (models/packed.py): every step multiplies a few rows by the same matrices."""
+
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs) -> Decoded:
+        with decoding(model.decoder):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
 @torch.no_grad()
+@_packed_weights
 def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = None,
            no_repeat_ngram: int = 0) -> Decoded:
     """Greedy decoding from annotations feats (B, L, D)."""
@@ -121,6 +137,7 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
 
 
 @torch.no_grad()
+@_packed_weights
 def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
                 length_norm: float = 0.0, mode: str | None = None,
                 no_repeat_ngram: int = 0, keep_beams: bool = False) -> Decoded:
@@ -177,8 +194,10 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
         if ended is None:
             ended = torch.full_like(logp[:1], float("-inf"))
             ended[0, END_ID] = 0.0
-        logp = torch.where(done.unsqueeze(1), ended, logp)  # finished: only <end>, free
-        cand = (scores.reshape(-1, 1) + logp).reshape(n, k * v)  # (n, K·V)
+        fin_rows = done.nonzero().squeeze(1)
+        if len(fin_rows):  # finished: only <end>, free (rewrites those rows only)
+            logp.index_copy_(0, fin_rows, ended.expand(len(fin_rows), -1))
+        cand = logp.add_(scores.reshape(-1, 1)).view(n, k * v)  # (n, K·V) in place
         scores, idx = cand.topk(k, dim=1)  # (n, K)
         offsets = (torch.arange(n, device=dev) * k).unsqueeze(1)  # (n, 1)
         origin = (idx // v + offsets).reshape(-1)  # (n·K,) working row each new beam extends

@@ -136,4 +136,80 @@ def test_packed_loss_equals_the_grid_loss(kind):
         for x, y in zip(gp, gg):
             assert (x is None) == (y is None)
             if x is not None:
-                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_additive_score_backward_is_the_formulas():
+    """The hand-written backward of the training path (one row per image) against autograd of
+    the formula (float64 gradcheck), and the layer's gradients against the tanh formula's."""
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, L, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(2, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    b2 = torch.randn(1, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(A._AdditiveScores.apply, (keys, q, w2, b2))
+
+    torch.manual_seed(0)
+    score = A.AdditiveScore(D, N, DIM)
+    a = torch.randn(N_IMG, L, D, requires_grad=True)
+    h = torch.randn(N_IMG, N, requires_grad=True)
+    w = torch.randn(N_IMG, L)
+    inputs = [a, h, *score.parameters()]
+    fast = torch.autograd.grad((score(score.precompute(a), h) * w).sum(), inputs)
+    ref = torch.autograd.grad((_reference_additive(score, a, h) * w).sum(), inputs)
+    for x, y in zip(fast, ref):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_weights_multiply_like_the_plain_product():
+    from showattend.models import packed
+
+    gen = torch.Generator().manual_seed(4)
+    w, b = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+    p = packed.pack(w, 8, b)
+    if not packed._SUPPORTED:  # a torch without oneDNN: callers keep the plain product
+        assert p is None
+        return
+    for rows in (1, 5, 8, 33):  # the rows hint is a hint: any number of rows works
+        x = torch.randn(rows, 40, generator=gen)
+        torch.testing.assert_close(p(x), torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-5)
+    assert packed.pack(w.double(), 8) is None  # fp32 only
+    with torch.autocast("cpu", torch.bfloat16):
+        assert packed.pack(w, 8) is None
+
+
+@pytest.mark.parametrize("deep_output", [True, False])
+def test_decoding_step_with_packed_weights_equals_the_layers(deep_output, monkeypatch):
+    """Decoding (no autograd, inside a decoding call) runs the LSTM cell and output layers on
+    packed weights; the step equals the modules' own, also after an optimiser step (fused Adam
+    changes the weights in place without bumping their version counters: a pack must not
+    outlive its call)."""
+    from showattend.models import decoder as dec, packed
+
+    model = tiny_model()
+    model.decoder.deep_output = deep_output
+    if not deep_output:
+        model.decoder.L_o = torch.nn.Linear(32, 20)
+    imgs, caps = tiny_batch(b=5)
+    opt = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)
+    for _ in range(2):
+        model.eval()
+        with torch.no_grad():
+            feats = model.encoder(imgs)
+            mem, state = model.memory(feats), model.decoder.init_state(feats)
+            prev = caps[:, 1]
+            with packed.decoding(model.decoder):
+                fast = model.decoder.step(mem, state, prev, "expectation")
+                assert (packed.cached(model.decoder, "out", ()) is not None) == packed._SUPPORTED
+            assert packed.cached(model.decoder, "out", ()) is None  # dropped with the call
+            monkeypatch.setattr(dec, "_PACKED_ROWS", -1)  # the modules' own path
+            plain = model.decoder.step(mem, state, prev, "expectation")
+            monkeypatch.setattr(dec, "_PACKED_ROWS", 96)
+        torch.testing.assert_close(fast.logits, plain.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.state.h, plain.state.h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.state.c, plain.state.c, rtol=1e-5, atol=1e-6)
+        model.train()  # an optimiser step between two decoding calls
+        loss = model(imgs, caps).packed_logits.logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()

@@ -46,8 +46,43 @@ class AdditiveScore(nn.Module):
         if keys.device.type == "cpu" and not (torch.is_grad_enabled() and (
                 keys.requires_grad or q.requires_grad or w.requires_grad)):
             return _additive_scores_inference(keys, q.view(n, g, 1, a), w2, b2)  # (B·g, L)
+        if g == 1 and keys.dtype == q.dtype == w2.dtype:
+            return _AdditiveScores.apply(keys, q, w2, b2)  # (B, L)
         s = torch.sigmoid(torch.add(keys.unsqueeze(1), q.view(n, g, 1, a), alpha=2.0))
         return F.linear(s, w2.unsqueeze(0), b2).view(n * g, n_cells)  # (B·g, L)
+
+
+class _AdditiveScores(torch.autograd.Function):
+    """e = 2wᵀσ(k + 2q) + b − Σw with a hand-written backward (training, one state row per image).
+
+    keys (B, L, A) doubled, q (B, A), w2 = 2w (A,), b2 the folded bias (scalar tensor) → (B, L).
+    Autograd of the same expression makes five passes over B × L × A values in the backward — the
+    outer product ge ⊗ w, the sigmoid's derivative, q's gradient scaled by 2, its sum, w's
+    gradient — plus a fresh buffer for each. Here: one pass for w's gradient, one for
+    ge·σ'(u) (``sigmoid_backward`` broadcasts ge over A), one to scale it by w in place, one sum.
+    The forward's sigmoid runs in place on the sum's buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, keys: torch.Tensor, q: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor) -> torch.Tensor:
+        s = torch.add(keys, q.unsqueeze(1), alpha=2.0).sigmoid_()  # (B, L, A)
+        ctx.save_for_backward(s, w2)
+        ctx.b2_shape = b2.shape
+        return torch.matmul(s, w2) + b2  # (B, L)
+
+    @staticmethod
+    def backward(ctx, ge: torch.Tensor):
+        s, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gw2 = torch.matmul(ge.reshape(1, -1), s.view(-1, s.shape[-1])).view(-1) \
+            if need[2] else None  # (A,)
+        gk = gq = None
+        if need[0] or need[1]:
+            gk = torch.ops.aten.sigmoid_backward(ge.unsqueeze(-1), s).mul_(w2)  # (B, L, A)
+            gq = gk.sum(1).mul_(2.0) if need[1] else None  # (B, A)
+        gb2 = ge.sum().reshape(ctx.b2_shape) if need[3] else None
+        return (gk if need[0] else None), gq, gw2, gb2
 
 
 def _weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

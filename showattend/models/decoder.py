@@ -16,8 +16,13 @@ import torch
 from torch import nn
 
 from showattend.models.attention import AttentionOutput, Memory
+from showattend.models.packed import Packed, cached
 from showattend.models.recurrent import GateTape, RecurrentGates
 from showattend.vocab import PAD_ID
+
+
+# decoding steps with at most this many rows (images × beams) use packed weights (packed.py)
+_PACKED_ROWS = 96
 
 
 class State(NamedTuple):
@@ -98,8 +103,46 @@ class Decoder(nn.Module):
         """One word: prev (B,) token ids of y_{t-1} → logits for y_t."""
         emb = self.embed(prev)  # (B, E)
         attn, z, beta = self._gated_context(mem, state.h, mode, mix, noise)
+        packs = self._decoding_packs(z)
+        if packs is not None:
+            return StepOutput(*self._packed_tail(packs, emb, z, state), attn, beta)
         h, c = self.lstm(torch.cat([emb, z], dim=1), state)  # (B, N)
         return StepOutput(self._output(emb, h, z), State(h, c), attn, beta)
+
+    def _decoding_packs(self, z: torch.Tensor) -> tuple[Packed, Packed | None, Packed] | None:
+        """The LSTM's [W_ih | W_hh], the deep output's [L_h | L_z] and L_o packed for decoding
+        (packed.py: a step multiplies a few rows by each, word after word), or None: with
+        autograd, off the CPU, in float64, for layers int8 decoding has quantized, or for more
+        rows than packing helps (the plain GEMM is as fast from about a hundred rows on)."""
+        if torch.is_grad_enabled() or z.device.type != "cpu" or z.dtype != torch.float32 or \
+                z.shape[0] > _PACKED_ROWS:
+            return None
+        plain = [self.lstm, self.L_o] + ([self.L_h, self.L_z] if self.deep_output else [])
+        if any(type(m) not in (nn.Linear, nn.LSTMCell) for m in plain):
+            return None
+        lstm = cached(self, "lstm", (self.lstm.weight_ih, self.lstm.weight_hh),
+                      (self.lstm.bias_ih, self.lstm.bias_hh))
+        deep = cached(self, "deep", (self.L_h.weight, self.L_z.weight), (self.L_h.bias,)) \
+            if self.deep_output else None
+        out = cached(self, "out", (self.L_o.weight,), (self.L_o.bias,))
+        if lstm is None or out is None or (self.deep_output and deep is None):
+            return None
+        return lstm, deep, out
+
+    def _packed_tail(self, packs: tuple[Packed, Packed | None, Packed], emb: torch.Tensor,
+                     z: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The LSTM cell and the output layers of ``step`` with packed weights: the same
+        arithmetic as ``self.lstm`` and ``_output`` (gate order i, f, g, o)."""
+        lstm, deep, out = packs
+        gates = lstm(torch.cat([emb, z, state.h], 1))  # (B, 4N)
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)  # (B, N)
+        h = torch.sigmoid(o) * torch.tanh(c)  # (B, N)
+        if deep is not None:
+            logits = out(self.dropout(deep(torch.cat([h, z], 1)).add_(emb)))  # (B, V)
+        else:
+            logits = out(self.dropout(h))
+        return logits, State(h, c)
 
     def teacher_forced(self, mem: Memory, state: State, inputs: torch.Tensor,
                        lengths: torch.Tensor, mode: str, mix: torch.Tensor | None = None,
@@ -140,7 +183,8 @@ class Decoder(nn.Module):
             noise = torch.rand(b, t_in, device=dev)
         noise = noise[order] if noise is not None else None
         hs, zs, alphas, betas, logps, ents = [], [], [], [], [], []
-        tape = GateTape()  # recurrent weight gradients: one matmul over all steps (recurrent.py)
+        # recurrent weight gradients: one matmul over all steps; weights packed once (recurrent.py)
+        tape = GateTape(w_z, w_hh_t, b) if steps > 1 else GateTape()
         for t in range(steps):
             n = active[t]
             if n < h.shape[0]:  # captions sorted longest first: the live rows are a prefix

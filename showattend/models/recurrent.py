@@ -7,20 +7,33 @@ for every step. Both weights' gradients are sums over steps, Σ_t z_tᵀ g_t and
 :class:`RecurrentGates` records each step's input and gate gradient on a shared tape and the first
 step's backward — which autograd runs after every later step's, since all of them depend on it —
 forms each sum as one large matmul over all real positions.
+
+The per-step products themselves (a few dozen rows times the same weights, forward and backward)
+use weights packed once per pass where the CPU can (packed.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from showattend.models.packed import Packed, pack
+
 
 class GateTape:
-    """Per-step inputs and gate gradients of one teacher-forced pass."""
+    """Per-step inputs and gate gradients of one teacher-forced pass, and the recurrent weights
+    packed for its per-step products (None where packing does not apply)."""
 
-    def __init__(self) -> None:
+    def __init__(self, w_z: torch.Tensor | None = None, w_h: torch.Tensor | None = None,
+                 rows: int = 0) -> None:
         self.z: dict[int, torch.Tensor] = {}
         self.h: dict[int, torch.Tensor] = {}
         self.g: dict[int, torch.Tensor] = {}
+        self.fwd: Packed | None = None  # [z, h] ↦ gates
+        self.w: torch.Tensor | None = None  # (4N, D + N) the same weights, contiguous
+        if w_z is not None and w_h is not None:
+            w = torch.cat([w_z.detach().t(), w_h.detach().t()], 1)  # (4N, D + N)
+            self.fwd = pack(w, rows)
+            self.w = w if self.fwd is not None else None
 
 
 class RecurrentGates(torch.autograd.Function):
@@ -31,6 +44,8 @@ class RecurrentGates(torch.autograd.Function):
                 w_h: torch.Tensor, tape: GateTape, t: int) -> torch.Tensor:
         ctx.save_for_backward(z, h, w_z, w_h)
         ctx.tape, ctx.t = tape, t
+        if tape.fwd is not None and x.dtype == torch.float32:
+            return tape.fwd(torch.cat([z, h], 1)).add_(x)  # (n, 4N)
         return torch.addmm(torch.addmm(x, z, w_z), h, w_h)  # (n, 4N)
 
     @staticmethod
@@ -39,8 +54,14 @@ class RecurrentGates(torch.autograd.Function):
         z, h, w_z, w_h = (x.to(g.dtype) for x in ctx.saved_tensors)
         tape, t = ctx.tape, ctx.t
         need = ctx.needs_input_grad
-        gz = g.mm(w_z.t()) if need[1] else None  # (n, D)
-        gh = g.mm(w_h.t()) if need[2] else None  # (n, N)
+        if tape.w is not None and (need[1] or need[2]) and g.dtype == torch.float32:
+            # one product with the contiguous [W_z; W_h] (packing its transpose would cost a
+            # transposing copy per pass, more than the packed product saves)
+            gz, gh = g.mm(tape.w).split([w_z.shape[0], w_h.shape[0]], 1)  # (n, D), (n, N)
+            gz, gh = (gz if need[1] else None), (gh if need[2] else None)
+        else:
+            gz = g.mm(w_z.t()) if need[1] else None  # (n, D)
+            gh = g.mm(w_h.t()) if need[2] else None  # (n, N)
         gwz = gwh = None
         if need[3] or need[4]:
             tape.z[t], tape.h[t], tape.g[t] = z, h, g
