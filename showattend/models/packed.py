@@ -40,7 +40,6 @@ class Packed:
 
     def __init__(self, weight: torch.Tensor, rows: int | None,
                  bias: torch.Tensor | None = None):
-        self.out_features, self.in_features = weight.shape
         self._w = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
         self._b = None if bias is None else bias.detach().contiguous()
 
