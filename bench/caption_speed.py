@@ -31,7 +31,7 @@ from showattend.api import CaptionerAPI
 from showattend.decoding import decode
 from showattend.models.captioner import Captioner
 from showattend.quantize import quantize_decoder
-from showattend.training import make_preprocess
+from showattend.loading import make_preprocess
 from showattend.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from showattend.config import load_config
-from showattend.training import evaluate_checkpoint, fit
+from showattend.evaluation import evaluate_checkpoint
+from showattend.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def run_variant(name: str, config: str, out: Path, data: Path, args, extra: list
     if result.interrupted:  # Ctrl-C / SIGTERM: fit saved last.pt; stop instead of going on
         raise SystemExit(f"interrupted while training {name} (its last.pt is in "
                          f"{out / name}); no table written")
-    from showattend.training import load_model
+    from showattend.loading import load_model
 
     model = load_model(out / name / "best.pt", "cpu")[0]
     mode = "argmax" if model.stochastic else None

@@ -22,7 +22,7 @@ import torch
 from decoder_flops import build, captions_batch, sync, timed_train_step
 from showattend.config import TrainConfig
 from showattend.decoding import beam_search
-from showattend.training import build_optimizer
+from showattend.train import build_optimizer
 
 
 def time_beam(model, feats, dev, reps: int = 2) -> float:

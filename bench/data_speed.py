@@ -32,9 +32,11 @@ from showattend import config as C
 from showattend.data.datasets import (CaptionDataset, ImageDataset, ImageSource, collate_images,
                                       load_splits, load_vocab)
 from showattend.data.prepare import prepare
-from showattend.data.prepared import load_cache_encoder, make_source
+from showattend.data.prepared import load_cache_encoder
+from showattend.data.splits import make_source
 from showattend.models.captioner import Captioner
-from showattend.training import TrainState, make_preprocess, train_one_epoch
+from showattend.loading import make_preprocess
+from showattend.train import TrainState, train_one_epoch
 
 PHOTOS = [Path("data/flickr8k"), Path("/work/data/flickr8k")]
 TEXT = [Path("data/flickr8k"), Path("/work/shared/flickr8k")]

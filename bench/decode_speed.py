@@ -21,7 +21,7 @@ from showattend.decoding import beam_search
 from showattend.losses import doubly_stochastic, masked_cross_entropy
 from showattend.models.captioner import Captioner
 from showattend.models.encoder import Encoder, Normalisation
-from showattend.training import build_optimizer
+from showattend.train import build_optimizer
 
 
 def build(vocab: int, dim: int, feat: int) -> Captioner:

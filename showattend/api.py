@@ -18,8 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from showattend.data.images import ImageLoadError, Preprocessor, image_extensions
+from showattend import runtime
+from showattend.data.folder import image_batches, iter_image_paths
+from showattend.data.images import ImageLoadError, Preprocessor
 from showattend.decoding import decode
+from showattend.loading import load_model
+from showattend.report import ModelInfo, Report
 from showattend.vocab import Vocab
 
 ImageLike = str | os.PathLike | Image.Image
@@ -59,8 +63,6 @@ class Caption:
 
     def _repr_html_(self) -> str:
         """Jupyter: the interactive attention view of this caption (words, maps, β, beams)."""
-        from showattend.report import Report
-
         return Report.from_captions({"model": [self]})._repr_html_()
 
 
@@ -72,8 +74,6 @@ class Captions(list):
         self.model = model or {}  # how they were made: attention kind, grid, beam, mode
 
     def _repr_html_(self) -> str:
-        from showattend.report import ModelInfo, Report
-
         if not self:
             return "<p>no captions</p>"
         info = ModelInfo(name="model", **self.model) if self.model else None
@@ -114,20 +114,6 @@ def _aux_for_caption(aux: dict[str, torch.Tensor] | None, j: int, n: int, size: 
     return boxes, heads
 
 
-def iter_image_paths(inputs: Sequence[str | os.PathLike]) -> Iterator[Path]:
-    """Expand folders (recursively, sorted) to the files of every format load_image reads; files
-    given by name pass through whatever their extension."""
-    extensions = image_extensions()
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in extensions:
-                    yield f
-        else:
-            yield p
-
-
 class CaptionerAPI:
     """A loaded model with its vocabulary and its preprocessing."""
 
@@ -143,9 +129,7 @@ class CaptionerAPI:
              ) -> CaptionerAPI:
         """Load a checkpoint (file, or run directory holding best.pt/last.pt); ``int8``: dynamic
         int8 decoder for CPU serving (see :mod:`showattend.quantize`)."""
-        from showattend.training import load_model, resolve_device
-
-        dev = resolve_device(device)
+        dev = runtime.resolve_device(device)
         model, vocab, preprocess, cfg, _ = load_model(checkpoint, dev, int8=int8)
         return cls(model, vocab, preprocess, cfg, dev)
 
@@ -178,9 +162,7 @@ class CaptionerAPI:
 
     def _caption_batch(self, chunk, views, batch, beam, max_len, mode,
                        alternatives: bool = False) -> list[Caption]:
-        from showattend.training import autocast
-
-        with autocast(self.config.train.precision, self.device):  # bf16 models on CUDA
+        with runtime.autocast(self.config.train.precision, self.device):  # bf16 models on CUDA
             feats = self.model.encode(batch.to(self.device))  # (B, L, D)
             dec = decode(self.model, feats, beam=beam, max_len=max_len,
                          length_norm=self.config.eval.length_norm, mode=mode,
@@ -227,8 +209,6 @@ class CaptionerAPI:
         """Caption files and folders; yields (path, caption, None) or (path, None, reason), in
         path order. Files are decoded and preprocessed by ``workers`` DataLoader processes (None:
         automatic, 0: in this process) while the model captions the previous batch."""
-        from showattend.data.folder import image_batches
-
         beam = beam or self.config.eval.beam
         max_len = self.config.eval.max_len
         paths = list(iter_image_paths(inputs))

@@ -29,7 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from showattend.data.images import ImageLoadError
     from showattend.models.encoder import EncoderError
     from showattend.quantize import QuantizationError
-    from showattend.training import TrainingError
+    from showattend.runtime import TrainingError
     from showattend.vocab import VocabError
 
     return (UserError, ConfigError, DataFormatError, ImageLoadError, CheckpointError,
@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the built-in data, train, evaluate on the test split, write overlays, summarise."""
     from showattend.config import load_config
-    from showattend.training import fit
+    from showattend.train import fit
 
     t0 = time.time()
     name = "demo" if args.attention == "soft" else "demo_hard"
@@ -89,7 +89,7 @@ def _demo_overlays(out: Path, data: Path, n: int, device: str) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from showattend.config import load_config
-    from showattend.training import fit
+    from showattend.train import fit
 
     cfg = load_config(args.config, args.overrides)
     result = fit(cfg, resume=args.resume, progress=not args.quiet)
@@ -144,14 +144,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint:
         raise UserError("evaluate needs --checkpoint (or --results with --annotations)")
-    from showattend.training import evaluate_checkpoint
+    from showattend.evaluation import evaluate_checkpoint, grounding_line
 
     metrics = evaluate_checkpoint(args.checkpoint, args.split, beam=args.beam, out_dir=args.out,
                                   device=args.device, meteor=False if args.no_meteor else None,
                                   progress=not args.quiet, mode=args.mode,
                                   length_norm=args.length_norm,
-                                  no_repeat_ngram=args.no_repeat_ngram, int8=args.int8)
+                                  no_repeat_ngram=args.no_repeat_ngram, int8=args.int8,
+                                  entities=args.entities)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    if "correctness" in metrics:
+        print(f"photo grounding ({args.split}): {grounding_line(metrics)}", file=sys.stderr)
     return 0
 
 
@@ -321,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves ~10 s of Java)")
     e.add_argument("--int8", action="store_true", help="dynamic int8 decoder (CPU)")
+    e.add_argument("--entities", help="Flickr30k Entities annotations (annotations.zip or its "
+                                      "folder): score attention against the human boxes")
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("caption", help="caption images or folders of images")

@@ -35,6 +35,7 @@ class DataConfig:
     features: str = "auto"  # prepared + frozen encoder: "auto" reads the feature cache | "off"
     min_image_side: int = 32  # prepare: images with a shorter side are skipped as too small
     objects: str = ""  # optional objects file for grounding ({split} is substituted)
+    entities: str = ""  # Flickr30k Entities (annotations.zip or its folder): photo grounding
     n_train: int = 6000
     n_val: int = 500
     n_test: int = 500
@@ -109,6 +110,15 @@ class HardConfig:
 
 
 @dataclass(frozen=True)
+class SupervisionConfig:
+    """Attention supervision from human boxes (data.entities): an objective of its own, off by
+    default. A caption word that names a boxed phrase of its photo pulls its map to the boxes."""
+
+    weight: float = 0.0  # 0 = off; else the weight of the term beside the cross-entropy
+    loss: str = "mass"  # "mass": −log(mass on the boxes) | "ce": cross-entropy to the boxes' share
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, schedule, checkpointing."""
 
@@ -161,6 +171,7 @@ class Config:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     hard: HardConfig = field(default_factory=HardConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -291,6 +302,7 @@ _CHOICES = {
     ("train", "nan_policy"): ("stop", "skip"),
     ("train", "precision"): ("fp32", "bf16"),
     ("train", "lr_schedule"): ("plateau", "cosine"),
+    ("supervision", "loss"): ("mass", "ce"),
 }
 
 
@@ -316,7 +328,8 @@ def validate(cfg: Config) -> None:
                     ("data", "max_images"), ("data", "num_workers"), ("train", "val_images"),
                     ("train", "weight_decay"), ("train", "encoder_lr"), ("train", "grad_clip"),
                     ("train", "early_stop"), ("encoder", "fine_tune_blocks"),
-                    ("eval", "no_repeat_ngram"), ("data", "min_image_side")]
+                    ("eval", "no_repeat_ngram"), ("data", "min_image_side"),
+                    ("supervision", "weight")]
     for section, key in non_negative:
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{section}.{key} must be >= 0")

@@ -79,3 +79,28 @@ def reinforce_loss(logits, targets: torch.Tensor, log_probs: torch.Tensor,
     ent_sum = (entropies * mask).sum()
     ent_term = -lambda_e * ent_sum / n_tok
     return HardLoss(ce + sf + ent_term, ce, sf, ent_sum / n_tok, reward, advantage)
+
+
+def box_attention_loss(alphas: torch.Tensor, cover: torch.Tensor, mask: torch.Tensor,
+                       kind: str = "mass", eps: float = 1e-8) -> torch.Tensor:
+    """Attention supervision from boxes: mean over the supervised words of
+
+    - ``"mass"``: −log Σ_i α_ti c_ti, the log of the attention correctness (Liu et al., 2017):
+      the mass on the named thing, each cell counted by the share ``c`` of it the boxes cover —
+      the measure itself, so the model may put its mass anywhere on the thing;
+    - ``"ce"``: −Σ_i q_ti log α_ti with q_t = c_t / Σ_i c_ti, the cross-entropy to the boxes'
+      share of each cell (pulls the map towards spreading evenly over the boxes).
+
+    alphas (B, T, L), cover (B, T, L) in [0, 1], mask (B, T) bool: the words that name a boxed
+    thing. Zero (with a gradient graph) when no word is supervised.
+    """
+    m = mask.to(alphas.dtype)  # (B, T)
+    n = m.sum()
+    if kind == "mass":
+        per_word = -torch.log((alphas * cover).sum(-1).clamp_min(eps))  # (B, T)
+    elif kind == "ce":
+        q = cover / cover.sum(-1, keepdim=True).clamp_min(eps)  # (B, T, L)
+        per_word = -(q * torch.log(alphas.clamp_min(eps))).sum(-1)  # (B, T)
+    else:
+        raise ValueError(f"box_attention_loss: kind must be 'mass' or 'ce', got {kind!r}")
+    return (per_word * m).sum() / n.clamp_min(1.0)

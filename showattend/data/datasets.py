@@ -1,11 +1,8 @@
-"""Torch datasets over ImageRecords, a shared image cache, and the records/vocabulary builder."""
+"""Torch datasets over ImageRecords: captions, images, a shared image cache, and their collation."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -132,95 +129,3 @@ def collate_images(batch):
     if not good:
         return None, [], len(batch)
     return torch.stack([b[0] for b in good]), [b[1] for b in good], len(batch) - len(good)
-
-
-@dataclass
-class Splits:
-    """Records of each split after loading."""
-
-    train: list[ImageRecord]
-    val: list[ImageRecord]
-    test: list[ImageRecord]
-    objects: dict[str, dict[int, list[dict]]]  # split → image_id → objects (grounding), may be {}
-    notes: list[str] = field(default_factory=list)  # what the readers left out, and why
-    prepared: Any = None  # the PreparedFolder the records come from (data.prepared), else None
-
-
-def load_splits(cfg, progress: bool = True, source: bool = False) -> Splits:
-    """Read (and for the built-in data, generate) the train/val/test records of a DataConfig.
-
-    With ``data.prepared`` set the records come from that prepared folder (only the images that
-    ``prepare`` could read); ``source=True`` reads the original inputs instead (prepare does).
-    """
-    from showattend.data import coco
-
-    d = cfg
-    objects: dict[str, dict[int, list[dict]]] = {}
-    notes: list[str] = []
-    prepared = None
-    if d.prepared and not source:
-        from showattend.data.prepared import open_prepared
-
-        prepared = open_prepared(d.prepared)
-        recs = {s: list(prepared.records.get(s, [])) for s in ("train", "val", "test")}
-        if d.kind == "shapes":  # grounding boxes of the built-in data stay next to its images
-            for s in ("train", "val", "test"):
-                if (Path(d.root) / f"objects_{s}.json").is_file():
-                    objects[s] = coco.read_objects(Path(d.root) / f"objects_{s}.json")
-    elif d.kind == "shapes":
-        from showattend.data.shapes import generate_shapes
-
-        root = Path(d.root)
-        generate_shapes(root, d.n_train, d.n_val, d.n_test, seed=d.seed, progress=progress)
-        recs = {s: coco.read_coco_captions(root / f"captions_{s}.json", root, s)
-                for s in ("train", "val", "test")}
-        objects = {s: coco.read_objects(root / f"objects_{s}.json") for s in ("train", "val", "test")}
-    elif d.kind == "coco":
-        if not d.train_annotations or not d.val_annotations:
-            raise coco.DataFormatError("data.kind = 'coco' needs data.train_annotations and "
-                                       "data.val_annotations")
-        recs = {"train": coco.read_coco_captions(d.train_annotations, d.root, "train"),
-                "val": coco.read_coco_captions(d.val_annotations, d.root, "val")}
-        if d.test_annotations:
-            recs["test"] = coco.read_coco_captions(d.test_annotations, d.root, "test")
-        else:
-            # No test file: split val (sorted by image id) into two disjoint halves, so the
-            # checkpoint chosen on val is never scored on the same images.
-            ordered = sorted(recs["val"], key=lambda r: r.image_id)
-            half = len(ordered) // 2
-            recs["val"], recs["test"] = ordered[:half], ordered[half:]
-    elif d.kind == "flickr":
-        if not d.flickr_captions or not d.flickr_splits:
-            raise coco.DataFormatError("data.kind = 'flickr' needs data.flickr_captions (the "
-                                       "token file) and data.flickr_splits (the split lists' "
-                                       "folder)")
-        from showattend.data.flickr import read_flickr
-
-        recs = read_flickr(d.flickr_captions, d.flickr_splits, d.root, notes=notes)
-    else:
-        if not d.split_file:
-            raise coco.DataFormatError("data.kind = 'karpathy' needs data.split_file")
-        recs = coco.read_karpathy(d.split_file, d.root)
-    if d.objects and d.kind != "shapes":
-        for s in ("train", "val", "test"):
-            p = Path(d.objects.format(split=s))
-            if p.is_file():
-                objects[s] = coco.read_objects(p)
-    if not source:  # prepare prints them in its summary instead
-        for note in notes:
-            log.warning("%s", note)
-    if d.max_images > 0:
-        recs = {s: r[: d.max_images] for s, r in recs.items()}
-    for s in ("train", "val", "test"):
-        if not recs.get(s):
-            where = f" of {prepared.path}" if prepared is not None else ""
-            raise coco.DataFormatError(f"split '{s}'{where} has no images")
-    return Splits(recs["train"], recs["val"], recs["test"], objects, notes, prepared)
-
-
-def load_vocab(cfg, splits: Splits) -> Vocab:
-    """The run's vocabulary: a prepared folder's own (built from its train split), else built
-    from the train captions with ``data.min_word_freq``."""
-    if splits.prepared is not None:
-        return splits.prepared.vocab
-    return Vocab.build((c for r in splits.train for c in r.captions), cfg.min_word_freq)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from showattend.data.images import ImageLoadError, Preprocessor, load_image
+from showattend.data.images import ImageLoadError, Preprocessor, image_extensions, load_image
 
 
 @dataclass
@@ -72,3 +72,17 @@ def image_batches(paths: Sequence[Path], preprocess: Preprocessor, batch_size: i
                         num_workers=workers, collate_fn=_keep_list,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
     yield from loader
+
+
+def iter_image_paths(inputs: Sequence[str | os.PathLike]) -> Iterator[Path]:
+    """Expand folders (recursively, sorted) to the files of every format load_image reads; files
+    given by name pass through whatever their extension."""
+    extensions = image_extensions()
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in extensions:
+                    yield f
+        else:
+            yield p

@@ -252,6 +252,39 @@ class Preprocessor:
         top = (new_h - out_h) // 2
         return resized.crop((left, top, left + out_w, top + out_h))
 
+    def map_box(
+        self, box: tuple[float, float, float, float], image_size: tuple[int, int]
+    ) -> tuple[float, float, float, float] | None:
+        """Where a box of the original image lands in :meth:`geometry`'s output, or ``None``.
+
+        ``box`` is (x0, y0, x1, y1) in continuous pixel coordinates of the original image: pixel
+        column i spans [i, i+1), so a 1-based inclusive box xmin..xmax is (xmin - 1, xmax).
+        ``image_size`` is the original image's (width, height), as PIL's ``Image.size``. The result
+        is in the same coordinates of the model-input image (size[::-1] wide/high), clipped to it;
+        ``None`` when nothing of the box is left (cropped away). This is the one place that maps
+        boxes: it follows :meth:`geometry` step by step, so both must change together.
+        """
+        x0, y0, x1, y1 = (float(v) for v in box)
+        in_w, in_h = (int(v) for v in image_size)
+        if in_w < 1 or in_h < 1:
+            raise ValueError(f"map_box: image size must be positive (width, height): {image_size}")
+        out_h, out_w = self.size
+        left = top = 0
+        if self.resize == "stretch":
+            new_w, new_h = out_w, out_h
+        else:  # the same sizes and offsets as geometry()'s crop branch
+            scale = max(out_w / in_w, out_h / in_h)
+            new_w = max(out_w, round(in_w * scale))
+            new_h = max(out_h, round(in_h * scale))
+            left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+        # new_w / in_w, not `scale`: the resize to the rounded size is what moves the pixels.
+        sx, sy = new_w / in_w, new_h / in_h
+        x0, x1 = (min(max(x * sx - left, 0.0), out_w) for x in (x0, x1))
+        y0, y1 = (min(max(y * sy - top, 0.0), out_h) for y in (y0, y1))
+        if not (x1 > x0 and y1 > y0):  # also rejects NaN
+            return None
+        return (x0, y0, x1, y1)
+
     def to_tensor(self, img: Image.Image | str | os.PathLike) -> torch.Tensor:
         """Float tensor (3, H, W): ``(geometry(img) / 255 - mean) / std``."""
         return self.normalize(self.view(img))

@@ -249,7 +249,7 @@ def prepare(cfg: Any, workers: int | None = None, features: bool = True, overwri
     folder made from other inputs or settings is refused unless ``overwrite``. ``on_chunk(phase,
     rows_done)`` is called after each chunk is safely recorded (tests interrupt runs with it).
     """
-    from showattend.data.datasets import load_splits
+    from showattend.data.splits import load_splits
     from showattend.vocab import Vocab
 
     t_start = time.time()
@@ -459,7 +459,7 @@ def _cache_encoder(cfg: Any):
     import torch
 
     from showattend.models.captioner import Captioner
-    from showattend.training import make_preprocess
+    from showattend.loading import make_preprocess
 
     # Seeded as training seeds its model, so an encoder with weights "none" is reproducible
     # (a resumed prepare must continue with the very same weights; the fingerprint checks it).
@@ -479,7 +479,7 @@ def _feature_phase(out: Path, work: Path, existing: dict[str, Any] | None, encod
     import torch
 
     from showattend.progress import progress_bar
-    from showattend.training import resolve_device
+    from showattend.runtime import resolve_device
 
     settings = feature_settings(cfg, encoder)
     fingerprint = encoder_fingerprint(encoder)

@@ -297,24 +297,3 @@ class PreparedSource:
         if self.features:
             return torch.from_numpy(row.astype(np.float32))  # (L, D)
         return self.preprocess.normalize(row)  # (3, H, W)
-
-
-def make_source(cfg: Any, splits: Any, records: list[ImageRecord], preprocess: Preprocessor,
-                model: Any, cache: bool, desc: str, progress: bool, on_bad: str):
-    """The image source of ``records``: a :class:`PreparedSource` when the data is a prepared
-    folder (features when :func:`use_features` says so and the model's encoder is the one that
-    made them), else an on-the-fly :class:`ImageSource`."""
-    folder = getattr(splits, "prepared", None)
-    if folder is None:
-        from showattend.data.datasets import ImageSource
-
-        return ImageSource(records, preprocess, cache, desc, progress, on_bad=on_bad)
-    folder.check_images(cfg)
-    feats = use_features(cfg, model, folder)
-    if feats and encoder_fingerprint(model.encoder) != folder.manifest["features"]["fingerprint"]:
-        # e.g. a checkpoint trained on raw images with the same backbone but other weights: its
-        # own encoder must see the images, the cache would describe someone else's features.
-        log.warning("the model's encoder is not the one that computed the feature cache in %s: "
-                    "encoding images from the store", folder.path)
-        feats = False
-    return PreparedSource(folder, records, preprocess, feats)

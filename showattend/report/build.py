@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from showattend.data.folder import iter_image_paths
 from showattend.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -180,7 +181,6 @@ class Report:
 
         Unreadable images are left out and listed in ``skipped``.
         """
-        from showattend.api import iter_image_paths
         from showattend.progress import progress_bar
 
         if not models:

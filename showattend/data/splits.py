@@ -1,0 +1,130 @@
+"""The records of a run's splits, its vocabulary, and the image source of a split.
+
+Reads every kind of data set the config names (built-in shapes, COCO, Karpathy, Flickr, or a
+folder written by ``prepare``) and hands training and evaluation one :class:`Splits`;
+:func:`make_source` picks between decoding images on the fly and a prepared store or cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from showattend.data import coco
+from showattend.data.coco import ImageRecord
+from showattend.data.datasets import ImageSource
+from showattend.data.flickr import read_flickr
+from showattend.data.images import Preprocessor
+from showattend.data.prepared import (PreparedSource, encoder_fingerprint, open_prepared,
+                                      use_features)
+from showattend.data.shapes import generate_shapes
+from showattend.vocab import Vocab
+
+__all__ = ["Splits", "load_splits", "load_vocab", "make_source"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Splits:
+    """Records of each split after loading."""
+
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    test: list[ImageRecord]
+    objects: dict[str, dict[int, list[dict]]]  # split → image_id → objects (grounding), may be {}
+    notes: list[str] = field(default_factory=list)  # what the readers left out, and why
+    prepared: Any = None  # the PreparedFolder the records come from (data.prepared), else None
+
+
+def load_splits(cfg, progress: bool = True, source: bool = False) -> Splits:
+    """Read (and for the built-in data, generate) the train/val/test records of a DataConfig.
+
+    With ``data.prepared`` set the records come from that prepared folder (only the images that
+    ``prepare`` could read); ``source=True`` reads the original inputs instead (prepare does).
+    """
+    d = cfg
+    objects: dict[str, dict[int, list[dict]]] = {}
+    notes: list[str] = []
+    prepared = None
+    if d.prepared and not source:
+        prepared = open_prepared(d.prepared)
+        recs = {s: list(prepared.records.get(s, [])) for s in ("train", "val", "test")}
+        if d.kind == "shapes":  # grounding boxes of the built-in data stay next to its images
+            for s in ("train", "val", "test"):
+                if (Path(d.root) / f"objects_{s}.json").is_file():
+                    objects[s] = coco.read_objects(Path(d.root) / f"objects_{s}.json")
+    elif d.kind == "shapes":
+        root = Path(d.root)
+        generate_shapes(root, d.n_train, d.n_val, d.n_test, seed=d.seed, progress=progress)
+        recs = {s: coco.read_coco_captions(root / f"captions_{s}.json", root, s)
+                for s in ("train", "val", "test")}
+        objects = {s: coco.read_objects(root / f"objects_{s}.json") for s in ("train", "val", "test")}
+    elif d.kind == "coco":
+        if not d.train_annotations or not d.val_annotations:
+            raise coco.DataFormatError("data.kind = 'coco' needs data.train_annotations and "
+                                       "data.val_annotations")
+        recs = {"train": coco.read_coco_captions(d.train_annotations, d.root, "train"),
+                "val": coco.read_coco_captions(d.val_annotations, d.root, "val")}
+        if d.test_annotations:
+            recs["test"] = coco.read_coco_captions(d.test_annotations, d.root, "test")
+        else:
+            # No test file: split val (sorted by image id) into two disjoint halves, so the
+            # checkpoint chosen on val is never scored on the same images.
+            ordered = sorted(recs["val"], key=lambda r: r.image_id)
+            half = len(ordered) // 2
+            recs["val"], recs["test"] = ordered[:half], ordered[half:]
+    elif d.kind == "flickr":
+        if not d.flickr_captions or not d.flickr_splits:
+            raise coco.DataFormatError("data.kind = 'flickr' needs data.flickr_captions (the "
+                                       "token file) and data.flickr_splits (the split lists' "
+                                       "folder)")
+        recs = read_flickr(d.flickr_captions, d.flickr_splits, d.root, notes=notes)
+    else:
+        if not d.split_file:
+            raise coco.DataFormatError("data.kind = 'karpathy' needs data.split_file")
+        recs = coco.read_karpathy(d.split_file, d.root)
+    if d.objects and d.kind != "shapes":
+        for s in ("train", "val", "test"):
+            p = Path(d.objects.format(split=s))
+            if p.is_file():
+                objects[s] = coco.read_objects(p)
+    if not source:  # prepare prints them in its summary instead
+        for note in notes:
+            log.warning("%s", note)
+    if d.max_images > 0:
+        recs = {s: r[: d.max_images] for s, r in recs.items()}
+    for s in ("train", "val", "test"):
+        if not recs.get(s):
+            where = f" of {prepared.path}" if prepared is not None else ""
+            raise coco.DataFormatError(f"split '{s}'{where} has no images")
+    return Splits(recs["train"], recs["val"], recs["test"], objects, notes, prepared)
+
+
+def load_vocab(cfg, splits: Splits) -> Vocab:
+    """The run's vocabulary: a prepared folder's own (built from its train split), else built
+    from the train captions with ``data.min_word_freq``."""
+    if splits.prepared is not None:
+        return splits.prepared.vocab
+    return Vocab.build((c for r in splits.train for c in r.captions), cfg.min_word_freq)
+
+
+def make_source(cfg: Any, splits: Any, records: list[ImageRecord], preprocess: Preprocessor,
+                model: Any, cache: bool, desc: str, progress: bool, on_bad: str):
+    """The image source of ``records``: a :class:`PreparedSource` when the data is a prepared
+    folder (features when :func:`use_features` says so and the model's encoder is the one that
+    made them), else an on-the-fly :class:`ImageSource`."""
+    folder = getattr(splits, "prepared", None)
+    if folder is None:
+        return ImageSource(records, preprocess, cache, desc, progress, on_bad=on_bad)
+    folder.check_images(cfg)
+    feats = use_features(cfg, model, folder)
+    if feats and encoder_fingerprint(model.encoder) != folder.manifest["features"]["fingerprint"]:
+        # e.g. a checkpoint trained on raw images with the same backbone but other weights: its
+        # own encoder must see the images, the cache would describe someone else's features.
+        log.warning("the model's encoder is not the one that computed the feature cache in %s: "
+                    "encoding images from the store", folder.path)
+        feats = False
+    return PreparedSource(folder, records, preprocess, feats)

@@ -1,0 +1,59 @@
+"""Validation after each epoch, and model selection on its metric."""
+
+from __future__ import annotations
+
+import logging
+
+from showattend import distributed as D
+from showattend.evaluation import decode_records, score_results
+from showattend.progress import write
+from showattend.train.schedule import record_validation, should_stop
+from showattend.train.setup import Run
+
+__all__ = ["validate", "close_epoch"]
+
+log = logging.getLogger(__name__)
+
+
+def validate(run: Run, progress: bool) -> dict[str, float]:
+    """Free-running decoding of the validation images (each rank its share), scored on rank 0
+    and shared with every rank."""
+    cfg, dist = run.cfg, run.dist
+    val_res = decode_records(run.model, run.val_src, run.vocab, run.device,
+                             beam=cfg.train.val_beam, max_len=cfg.eval.max_len,
+                             batch_size=cfg.eval.batch_size, progress=progress,
+                             precision=cfg.train.precision, length_norm=cfg.eval.length_norm,
+                             no_repeat_ngram=cfg.eval.no_repeat_ngram)
+    for r in val_res:  # shard index → index into val_recs
+        r["index"] = r["index"] * dist.world + dist.rank
+    val_res = D.gather(val_res, dist)
+    val = score_results(val_res, run.val_recs, run.splits.objects.get("val"), meteor=False,
+                        photos=run.val_photos) if dist.main else None
+    return D.broadcast(val, dist)
+
+
+def close_epoch(run: Run, val: dict[str, float], progress: bool) -> bool:
+    """Book the epoch's validation (best, plateau, decays), log it, write best.pt (when it is
+    the best) and last.pt, draw the curves. Returns whether to stop early."""
+    cfg, state = run.cfg, run.state
+    metric = val.get(cfg.train.val_metric, 0.0)
+    improved = record_validation(state, metric, cfg.train)
+    run.files.log({"kind": "val", "epoch": state.epoch, "step": state.step,
+                   "lr": run.optimizer.param_groups[0]["lr"], "elapsed": round(state.elapsed, 2),
+                   **{f"val_{k}": v for k, v in val.items()}})
+    # best.pt first: a crash between the two saves then re-runs this epoch on resume and
+    # rewrites both, whereas the other order would leave a stale best.pt for good.
+    if improved:
+        run.save("best.pt")
+    run.save("last.pt")
+    run.files.plot()
+    if progress:
+        photo = (f", correctness {val['correctness']:.3f}, pointing {val['pointing']:.3f}"
+                 if "correctness" in val else "")
+        write(f"epoch {state.epoch}: val {cfg.train.val_metric} {metric:.4f} "
+              f"(best {state.best:.4f} @ {state.best_epoch}), "
+              f"grounding {val.get('grounding', float('nan')):.3f}{photo}, {state.elapsed:.0f}s")
+    if should_stop(state, cfg.train):
+        log.info("early stop: no improvement in %d epochs", state.bad_epochs)
+        return True
+    return False
