@@ -189,10 +189,25 @@ def centre_blob(grid: tuple[int, int], sigma: float = 1.0) -> np.ndarray:
     return blob / blob.sum()
 
 
-def score_map(alpha: np.ndarray, cover: np.ndarray) -> tuple[float, bool, float]:
-    """(correctness, pointing, entropy in nats) of one map (h, w) against a coverage (h, w).
+def centre_hits(boxes: Sequence[FloatBox], grid: tuple[int, int],
+                size: tuple[int, int]) -> np.ndarray:
+    """Bool (h, w): the cells whose centre point lies inside one of ``boxes`` (the pointing
+    game's test, with the map's peak taken at its cell's centre)."""
+    (h, w), (H, W) = grid, size
+    cy = (np.arange(h) + 0.5) * (H / h)  # (h,)
+    cx = (np.arange(w) + 0.5) * (W / w)  # (w,)
+    out = np.zeros((h, w), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        out |= ((y0 <= cy) & (cy < y1))[:, None] & ((x0 <= cx) & (cx < x1))[None, :]
+    return out
 
-    The map is renormalised to sum 1, so correctness is the share of attention on the target.
+
+def score_map(alpha: np.ndarray, cover: np.ndarray, hits: np.ndarray) -> tuple[float, bool, float]:
+    """(correctness, pointing, entropy in nats) of one map (h, w) against a target's coverage
+    (h, w) and its :func:`centre_hits` (h, w).
+
+    The map is renormalised to sum 1, so correctness is the share of attention on the target;
+    pointing: the peak cell's centre lies on the target.
     """
     total = float(alpha.sum())
     if not np.isfinite(total) or total <= 0 or float(alpha.min()) < 0:
@@ -201,7 +216,7 @@ def score_map(alpha: np.ndarray, cover: np.ndarray) -> tuple[float, bool, float]
     peak = np.unravel_index(int(np.argmax(p)), p.shape)
     nonzero = p[p > 0]
     entropy = float(-(nonzero * np.log(nonzero)).sum())
-    return float((p * cover).sum()), bool(cover[peak] > 0), entropy
+    return float((p * cover).sum()), bool(hits[peak]), entropy
 
 
 @dataclass(frozen=True)
@@ -230,7 +245,7 @@ def _image_scores(image: int | str, words: Sequence[str], alphas: np.ndarray,
     grid = (alphas.shape[1], alphas.shape[2])
     targets = photo_targets(photo, ignore)
     blob = centre_blob(grid)  # (h, w)
-    cache: dict[str, tuple[tuple[FloatBox, ...], np.ndarray, tuple[float, bool, float]]] = {}
+    cache: dict[str, tuple] = {}  # noun → (boxes, coverage, centre hits, centre-blob scores)
     out = []
     for t, word in enumerate(words):
         target = targets.get(fold_plural(word))
@@ -239,9 +254,10 @@ def _image_scores(image: int | str, words: Sequence[str], alphas: np.ndarray,
         if target.noun not in cache:  # a noun's boxes, coverage and centre score, once per photo
             boxes = input_boxes(target.boxes, photo, preprocessor, image_size)
             cover = coverage(boxes, grid, preprocessor.size)  # (h, w)
-            cache[target.noun] = (boxes, cover, score_map(blob, cover))
-        boxes, cover, (centre, centre_points, _) = cache[target.noun]
-        correctness, pointing, entropy = score_map(alphas[t], cover)
+            hits = centre_hits(boxes, grid, preprocessor.size)  # (h, w)
+            cache[target.noun] = (boxes, cover, hits, score_map(blob, cover, hits))
+        boxes, cover, hits, (centre, centre_points, _) = cache[target.noun]
+        correctness, pointing, entropy = score_map(alphas[t], cover, hits)
         out.append(WordScore(image, t, word, target.noun, target.types, target.chains, boxes,
                              float(cover.mean()), correctness, pointing, entropy, centre,
                              centre_points))

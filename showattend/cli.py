@@ -26,6 +26,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from showattend.checkpoint import CheckpointError
     from showattend.config import ConfigError
     from showattend.data.coco import DataFormatError
+    from showattend.data.entities import EntitiesError
     from showattend.data.images import ImageLoadError
     from showattend.models.encoder import EncoderError
     from showattend.quantize import QuantizationError
@@ -33,7 +34,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from showattend.vocab import VocabError
 
     return (UserError, ConfigError, DataFormatError, ImageLoadError, CheckpointError,
-            EncoderError, TrainingError, VocabError, QuantizationError, OSError)  # OSError: missing file, disk full…
+            EncoderError, TrainingError, VocabError, QuantizationError, EntitiesError,
+            OSError)  # OSError: missing file, disk full…
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,6 +171,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
         raise UserError("--workers must be >= 0")
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    if args.entities and overlay_dir is None:
+        raise UserError("--entities draws reference boxes on the overlays: give --overlay-dir")
+    photos = _entities_for(args.entities, args.images)
     cap = showattend.load(args.checkpoint, device=args.device, int8=args.int8)
     failed = done = 0
     records = []
@@ -185,7 +190,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
         else:
             print(f"{path}\t{c.caption}")
         if overlay_dir is not None:
-            save_attention_figure(cap.overlay(c), overlay_dir / _unique_name(path, used_names))
+            photo = photos.get(str(path))
+            grounding = cap.word_scores(c, photo) if photo is not None else None
+            save_attention_figure(cap.overlay(c, grounding=grounding),
+                                  overlay_dir / _unique_name(path, used_names))
     if args.json:
         json.dump(records, sys.stdout)
         sys.stdout.write("\n")
@@ -195,6 +203,21 @@ def cmd_caption(args: argparse.Namespace) -> int:
         print(f"showattend: {failed} of {done + failed} images failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _entities_for(entities: str | None, images: list[str]) -> dict:
+    """{image path: its Flickr30k Entities annotations} for ``--entities`` (empty without)."""
+    if not entities:
+        return {}
+    from showattend.data.folder import iter_image_paths
+    from showattend.reference_boxes import photos_for_images
+
+    photos = photos_for_images(entities, iter_image_paths(images))
+    if not photos:
+        print(f"showattend: warning: no image is annotated in {entities} (file names must "
+              f"start with the photo's Flickr id, as in 1000268201_693b08cb0e.jpg)",
+              file=sys.stderr)
+    return photos
 
 
 def _load_models(checkpoints: list[str], device: str) -> tuple[dict, dict[str, str]]:
@@ -213,9 +236,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give the report's file name")
     refs = read_references(args.references) if args.references else None
+    if args.entities:
+        from showattend.reference_boxes import photos_for_images
+
+        photos_for_images(args.entities, [])  # an unreadable source fails before any captioning
     models, paths = _load_models(args.checkpoint, args.device)
     report = Report.build(models, args.images, references=refs, beam=args.beam, mode=args.mode,
-                          checkpoints=paths, title=args.title, progress=not args.quiet)
+                          checkpoints=paths, title=args.title, progress=not args.quiet,
+                          entities=args.entities)
     for path, reason in report.skipped:
         print(f"showattend: skipped: {reason}", file=sys.stderr)
     if not report.entries:
@@ -229,10 +257,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         files = report.save_animations(args.animations, fmt=args.animation_format)
         parts.append(f"{len(files)} animations in {args.animations}")
     n_refs = sum(1 for e in report.entries if e.references)
+    n_boxed = sum(1 for e in report.entries if e.photo is not None)
     print(f"inspect: {len(report.entries)} images x {len(models)} models"
-          f"{f', {n_refs} with references' if refs else ''} -> {', '.join(parts)}")
+          f"{f', {n_refs} with references' if refs else ''}"
+          f"{f', {n_boxed} with reference boxes' if args.entities else ''} -> {', '.join(parts)}")
     if refs is not None and n_refs == 0:
         print(f"showattend: warning: no image matched a name in {args.references}",
+              file=sys.stderr)
+    if args.entities and n_boxed == 0:
+        print(f"showattend: warning: no image is annotated in {args.entities} (file names must "
+              f"start with the photo's Flickr id, as in 1000268201_693b08cb0e.jpg)",
               file=sys.stderr)
     return 1 if report.skipped else 0
 
@@ -335,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
                    help="hard attention test-time mode")
     c.add_argument("--overlay-dir", help="write one attention overlay PNG per image here")
+    c.add_argument("--entities", help="Flickr30k Entities annotations (annotations.zip or its "
+                   "folder): on the overlays, draw the reference boxes of each word that names "
+                   "a boxed thing, with its attention correctness")
     c.add_argument("--json", action="store_true", help="print JSON records instead of text")
     c.add_argument("--device", default="auto")
     c.add_argument("--int8", action="store_true",
@@ -360,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--animations", metavar="DIR",
                    help="also write one animation per image and model here")
     i.add_argument("--animation-format", choices=("gif", "apng"), default="gif")
+    i.add_argument("--entities", help="Flickr30k Entities annotations (annotations.zip or its "
+                   "folder): show the reference boxes of the word looked at and its attention "
+                   "correctness; sort by worst grounding (images named <flickr id>_*.jpg)")
     i.add_argument("--title", help="the report's title")
     i.add_argument("--device", default="auto")
     i.set_defaults(func=cmd_inspect)
