@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from showattend.models.encoder import build_encoder
 # The tests' tensors are tiny: one thread avoids intra-op scheduling that costs more than the
 # arithmetic (10–15× slower with 2 threads on a loaded 2-core machine). Runs that set
 # train.threads still change it and restore it (tests/test_robustness.py checks that).
-torch.set_num_threads(1)
+# SHOWATTEND_TEST_THREADS=n runs the suite on n threads instead: the tolerances must hold for
+# any thread count (tests/tolerances.py), and this is how that is checked.
+torch.set_num_threads(int(os.environ.get("SHOWATTEND_TEST_THREADS", "1")))
 
 
 def tiny_model(attention: str = "soft", score: str = "additive", vocab_size: int = 20,

@@ -34,7 +34,8 @@ def _overrides(out: Path, data: Path, kind: str, epochs: int) -> list[str]:
 def soft_hard(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data dir, soft run, hard run)."""
     import showattend.metrics
-    import showattend.training as T
+    import showattend.train as T
+    import showattend.train.run_files as RF
     from showattend import config as C
 
     tmp = tmp_path_factory.mktemp("inspect_runs")
@@ -42,7 +43,7 @@ def soft_hard(tmp_path_factory) -> tuple[Path, Path, Path]:
     mp = pytest.MonkeyPatch()
     warned = set(showattend.metrics._WARNED)
     try:
-        mp.setattr(T, "_plot", lambda *a, **k: None)  # matplotlib curves: seconds per epoch
+        mp.setattr(RF, "plot_run", lambda *a, **k: None)  # matplotlib curves: seconds per epoch
         mp.setattr(showattend.metrics, "_java_available", lambda: False)  # no JVM per epoch
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "Java not found": we said so

@@ -9,7 +9,7 @@ from PIL import Image
 
 import showattend
 from showattend.data.images import ImageLoadError
-from showattend.training import load_model
+from showattend.loading import load_model
 
 
 def test_api_matches_training_preprocessing_and_model(trained):

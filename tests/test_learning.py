@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import showattend.metrics
-import showattend.training as T
+import showattend.train as T
+import showattend.train.run_files as RF
 from showattend import config as C
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,7 @@ FLOORS = {"soft": (0.40, 0.35), "hard": (0.35, 0.40)}
 
 @pytest.mark.parametrize("kind", ["soft", "hard"])
 def test_short_run_learns_to_caption_and_ground(shapes_slice, tmp_path, monkeypatch, kind):
-    monkeypatch.setattr(T, "_plot", lambda *a, **k: None)  # matplotlib: seconds per epoch
+    monkeypatch.setattr(RF, "plot_run", lambda *a, **k: None)  # matplotlib: seconds per epoch
     monkeypatch.setattr(showattend.metrics, "_java_available", lambda: False)
     cfg = C.load_config(None, _overrides(tmp_path / "run", shapes_slice, kind))
     t0 = time.time()

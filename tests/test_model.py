@@ -26,11 +26,16 @@ def test_every_parameter_gets_gradient_soft(score, beta):
     out = model(imgs, caps)
     loss = masked_cross_entropy(out.logits, caps[:, 1:]) + doubly_stochastic(out.alphas, caps[:, 1:] != 0)
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # the additive score's output bias shifts every cell's score alike, which the softmax ignores:
+    # its gradient is 0 but for rounding (exactly 0.0 on some hosts), so it need only be reached
+    missing = [n for n, p in model.named_parameters()
+               if p.grad is None or not (p.grad.abs().sum() > 0 or n.endswith("score.out.bias"))]
     assert missing == []
 
 
 def test_forward_shapes_and_no_reordering():
+    from tolerances import STEP_K, assert_close_fp32
+
     model = tiny_model()
     imgs, caps = tiny_batch(b=5, t=9)
     out = model(imgs, caps)
@@ -41,7 +46,7 @@ def test_forward_shapes_and_no_reordering():
     model.eval()
     full = model(imgs, caps).logits
     one = model(imgs[2:3], caps[2:3]).logits
-    torch.testing.assert_close(full[2:3], one, rtol=1e-5, atol=1e-5)
+    assert_close_fp32(full[2:3], one, k=8 * STEP_K)  # a batch of 5 and of 1: kernels differ
 
 
 def test_golden_loss_fixed_seed():
@@ -79,6 +84,8 @@ def test_attention_maps_sum_to_one_and_move(score):
 
 @pytest.mark.parametrize("attention", ["soft", "hard"])
 def test_beam_one_equals_greedy(attention):
+    from tolerances import STEP_K, assert_close_fp32
+
     model = tiny_model(attention).eval()
     if attention == "hard":
         model.test_mode = "argmax"
@@ -88,8 +95,8 @@ def test_beam_one_equals_greedy(attention):
     b = beam_search(model, feats, beam=1, max_len=12)
     assert torch.equal(g.tokens, b.tokens)
     assert torch.equal(g.lengths, b.lengths)
-    torch.testing.assert_close(g.scores, b.scores)
-    torch.testing.assert_close(g.alphas, b.alphas)
+    assert_close_fp32(g.scores, b.scores, k=12 * STEP_K)  # 12 steps
+    assert_close_fp32(g.alphas, b.alphas, k=12 * STEP_K)
 
 
 def image_dependent_model(attention: str = "soft") -> tuple[torch.nn.Module, torch.Tensor]:
@@ -117,6 +124,8 @@ def image_dependent_model(attention: str = "soft") -> tuple[torch.nn.Module, tor
 def test_batched_beam_equals_one_by_one(attention, beam):
     """Each image of a batch gets exactly the caption, score and maps it gets alone — with
     captions that differ between images, so images mixed up inside the batch would show."""
+    from tolerances import STEP_K, assert_close_fp32
+
     model, feats = image_dependent_model(attention)
     batched = beam_search(model, feats, beam=beam, max_len=10)
     captions = {tuple(batched.tokens[i, : int(batched.lengths[i])].tolist()) for i in range(6)}
@@ -126,11 +135,10 @@ def test_batched_beam_equals_one_by_one(attention, beam):
         n = int(single.lengths[0])
         assert int(batched.lengths[i]) == n
         assert torch.equal(batched.tokens[i, : n + 1], single.tokens[0, : n + 1])
-        torch.testing.assert_close(batched.scores[i], single.scores[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(batched.alphas[i, : n + 1], single.alphas[0, : n + 1],
-                                   rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(batched.betas[i, : n + 1], single.betas[0, : n + 1],
-                                   rtol=1e-5, atol=1e-6)
+        k = 10 * STEP_K  # 10 steps, in a batch of 6·beam rows and of beam rows
+        assert_close_fp32(batched.scores[i], single.scores[0], k=k)
+        assert_close_fp32(batched.alphas[i, : n + 1], single.alphas[0, : n + 1], k=k)
+        assert_close_fp32(batched.betas[i, : n + 1], single.betas[0, : n + 1], k=k)
         assert torch.equal(batched.locations[i, : n + 1], single.locations[0, : n + 1])
     # a batch in another order gives the same captions, reordered the same way
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
@@ -144,6 +152,8 @@ def test_beam_caption_scores_and_maps_match_teacher_forcing(attention):
     """Re-scoring each returned caption with the model (teacher forcing) gives the beam's score
     and attention maps: catches hypotheses whose words, state or history were reordered apart
     (batched == one-by-one cannot: a bug inside one image's beams is the same in both)."""
+    from tolerances import STEP_K, assert_close_fp32
+
     model, feats = image_dependent_model(attention)
     out = beam_search(model, feats, beam=3, max_len=10)
     mode = "argmax" if attention == "hard" else "expectation"
@@ -154,8 +164,8 @@ def test_beam_caption_scores_and_maps_match_teacher_forcing(attention):
             tf = model(None, caps, mode=mode, feats=feats[i: i + 1])
         logp = torch.log_softmax(tf.logits[0], -1)  # (n+1, V)
         score = logp.gather(1, caps[0, 1:].unsqueeze(1)).sum()
-        torch.testing.assert_close(out.scores[i], score, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.alphas[i, : n + 1], tf.alphas[0], rtol=1e-5, atol=1e-6)
+        assert_close_fp32(out.scores[i], score, k=10 * STEP_K)  # ≤ 10 steps
+        assert_close_fp32(out.alphas[i, : n + 1], tf.alphas[0], k=10 * STEP_K)
 
 
 def test_beam_never_worse_than_greedy_and_always_ends():

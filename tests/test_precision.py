@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 from conftest import tiny_batch, tiny_model, tiny_toml
-from showattend import training
+from showattend import evaluation, loading, runtime
 from showattend.cli import build_parser, main
 from showattend.config import ConfigError, load_config
-from showattend.training import TrainingError, TrainState, autocast, fit, train_step
+from showattend.runtime import autocast
+from showattend.train import TrainingError, TrainState, fit, train_step
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -76,10 +78,10 @@ def test_bf16_paths_run_under_autocast(tmp_path: Path, monkeypatch) -> None:
         calls.append(precision)
         if precision == "bf16":
             return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-        return training.contextlib.nullcontext()
+        return contextlib.nullcontext()
 
-    monkeypatch.setattr(training, "autocast", cpu_autocast)
-    monkeypatch.setattr(training, "check_precision", lambda precision, device: None)
+    monkeypatch.setattr(runtime, "autocast", cpu_autocast)
+    monkeypatch.setattr(runtime, "check_precision", lambda precision, device: None)
     cfg_path = tmp_path / "tiny.toml"
     cfg_path.write_text(tiny_toml(tmp_path / "run", tmp_path / "data", n_train=32, n_eval=8,
                                   epochs=1, train_extra='precision = "bf16"'))
@@ -105,7 +107,7 @@ def test_device_defaults_are_auto() -> None:
     parser = build_parser()
     for argv in (["evaluate", "--checkpoint", "x"], ["caption", "a.jpg", "--checkpoint", "x"]):
         assert parser.parse_args(argv).device == "auto"
-    for fn in (load, CaptionerAPI.load, training.load_model):
+    for fn in (load, CaptionerAPI.load, loading.load_model):
         assert inspect.signature(fn).parameters["device"].default == "auto", fn
     # evaluate_checkpoint: None means "auto"
-    assert inspect.signature(training.evaluate_checkpoint).parameters["device"].default is None
+    assert inspect.signature(evaluation.evaluate_checkpoint).parameters["device"].default is None

@@ -369,7 +369,7 @@ def test_mismatched_cache_or_store_is_refused(cache_run, tmp_path):
     run = tmp_path / "run"
     # another grid: the cache's annotations do not fit the model
     with pytest.raises(PreparedDataError) as err:
-        from showattend.training import fit
+        from showattend.train import fit
 
         fit(load_config(path, ["encoder.grid=1", f"out_dir={json.dumps(str(run))}"]),
             progress=False)
@@ -380,10 +380,10 @@ def test_mismatched_cache_or_store_is_refused(cache_run, tmp_path):
     assert main(["-q", "train", "--config", str(path), "--encoder.image_size=48",
                  f"--out_dir={run}"]) == 2
     # features off: the same grid change reads the image store instead
-    from showattend.data.datasets import load_splits
-    from showattend.data.prepared import make_source
+    from showattend.data.splits import load_splits
+    from showattend.data.splits import make_source
     from showattend.models.captioner import Captioner
-    from showattend.training import make_preprocess
+    from showattend.loading import make_preprocess
 
     off = load_config(path, ["encoder.grid=1", "data.features=off"])
     splits = load_splits(off.data)

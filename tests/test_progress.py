@@ -88,7 +88,7 @@ def test_disabled_prints_nothing_anywhere() -> None:
 def test_training_into_a_log_has_no_carriage_returns(tmp_path: Path, capsys) -> None:
     """A real (tiny) run with progress on, stderr captured (not a terminal): plain lines only."""
     from showattend.config import load_config
-    from showattend.training import fit
+    from showattend.train import fit
 
     cfg_path = tmp_path / "tiny.toml"
     cfg_path.write_text(tiny_toml(tmp_path / "run", tmp_path / "data", n_train=32, n_eval=8,

@@ -35,7 +35,10 @@ from PIL import Image
 
 import showattend
 import showattend.metrics
-import showattend.training as T
+import showattend.train as T
+import showattend.train.loop as L
+import showattend.train.run_files as RF
+from showattend import loading
 from showattend import config as C
 from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from showattend.cli import main
@@ -85,7 +88,7 @@ class _Quiet:
     def __enter__(self):
         self.threads = torch.get_num_threads()
         self.det = torch.are_deterministic_algorithms_enabled()
-        self.mp.setattr(T, "_plot", lambda *a, **k: None)
+        self.mp.setattr(RF, "plot_run", lambda *a, **k: None)
         self.mp.setattr(showattend.metrics, "_java_available", lambda: False)
         return self.mp
 
@@ -138,7 +141,7 @@ def make_checkpoint(path: Path, tmp: Path, data: Path,
     opt = T.build_optimizer(model, cfg.train)
     payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                "config": C.to_dict(cfg), "vocab": vocab.to_dict(),
-               "preprocess": T.make_preprocess(cfg, model).to_dict(),
+               "preprocess": loading.make_preprocess(cfg, model).to_dict(),
                "train_state": T.TrainState().to_dict(), "rng": {"torch": torch.get_rng_state()}}
     payload.update(payload_overrides)
     save_checkpoint(path, payload)
@@ -508,7 +511,7 @@ def test_checkpoint_config_vs_weights_mismatch(checkpoint, tmp_path, capsys):
     save_checkpoint(bad, {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
     ck2 = torch.load(bad, weights_only=True)
     assert ck2["config"]["decoder"]["hidden_dim"] == 64
-    msg = _message(lambda: T.load_model(bad))
+    msg = _message(lambda: loading.load_model(bad))
     assert msg.startswith(f"checkpoint {bad} does not match this showattend: ")
     assert main(["caption", "x.jpg", "--checkpoint", str(bad)]) == 2
     assert "does not match" in one_line_error(capsys)
@@ -516,7 +519,7 @@ def test_checkpoint_config_vs_weights_mismatch(checkpoint, tmp_path, capsys):
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["vocab"] = {"words": ckpt["vocab"]["words"] + ["extra"]}
     save_checkpoint(bad, {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
-    assert "does not match" in _message(lambda: T.load_model(bad))
+    assert "does not match" in _message(lambda: loading.load_model(bad))
 
 
 @pytest.fixture
@@ -669,7 +672,7 @@ def test_training_outputs_are_written_atomically(quiet, shapes_data, tmp_path, m
 def test_fit_restores_process_wide_torch_settings(shapes_data, tmp_path, monkeypatch, extra):
     """fit changes threads / determinism / denormal flushing for the run only, also on error
     (flushed denormals left behind broke hypothesis' float strategies in later test files)."""
-    monkeypatch.setattr(T, "_plot", lambda *a, **k: None)
+    monkeypatch.setattr(RF, "plot_run", lambda *a, **k: None)
     monkeypatch.setattr(showattend.metrics, "_java_available", lambda: False)
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     other = 2 if threads == 1 else 1  # a thread count the run must change and then restore
@@ -698,7 +701,7 @@ def reference_run(tmp_path_factory, shapes_data):
 def test_signal_saves_checkpoint_and_resume_is_bit_identical(quiet, reference_run, shapes_data,
                                                              tmp_path, caplog, sig):
     """SIGINT/SIGTERM mid-epoch: a final last.pt, a clean return; resuming ends identical."""
-    real_step = T.train_step
+    real_step = L.train_step
     calls = {"n": 0}
 
     def step(*a, **k):
@@ -707,7 +710,7 @@ def test_signal_saves_checkpoint_and_resume_is_bit_identical(quiet, reference_ru
             os.kill(os.getpid(), sig)
         return real_step(*a, **k)
 
-    quiet.setattr(T, "train_step", step)
+    quiet.setattr(L, "train_step", step)
     cfg = tiny_cfg(tmp_path, shapes_data)
     before = signal.getsignal(sig)  # SIG_IGN when pytest runs as a background job
     with caplog.at_level(logging.WARNING):
@@ -718,7 +721,7 @@ def test_signal_saves_checkpoint_and_resume_is_bit_identical(quiet, reference_ru
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 3, 9)
     assert signal.getsignal(sig) == before  # restored
 
-    quiet.setattr(T, "train_step", real_step)
+    quiet.setattr(L, "train_step", real_step)
     result = run_fit(cfg, resume=True)
     assert not result.interrupted and result.epochs == 2
     assert_same_training_state(tmp_path / "run" / "last.pt", reference_run / "last.pt")
@@ -750,7 +753,7 @@ def test_cosine_schedule_steps_down_and_resumes_bit_identical(quiet, shapes_data
         assert r["lr"] == pytest.approx(T.lr_at(base, 0, 0.5, "cosine", r["step"] - 1, total, 0.1))
     assert logged[0]["lr"] == pytest.approx(base) and logged[-1]["lr"] < 0.2 * base
 
-    real_step = T.train_step
+    real_step = L.train_step
     calls = {"n": 0}
 
     def step(*a, **k):
@@ -759,16 +762,16 @@ def test_cosine_schedule_steps_down_and_resumes_bit_identical(quiet, shapes_data
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*a, **k)
 
-    quiet.setattr(T, "train_step", step)
+    quiet.setattr(L, "train_step", step)
     cfg = tiny_cfg(tmp_path, shapes_data, *sched, out="cut")
     assert run_fit(cfg, evaluate_test=False).interrupted
-    quiet.setattr(T, "train_step", real_step)
+    quiet.setattr(L, "train_step", real_step)
     run_fit(cfg, resume=True, evaluate_test=False)
     assert_same_training_state(tmp_path / "cut" / "last.pt", tmp_path / "ref" / "last.pt")
 
 
 def test_cli_exits_cleanly_on_sigint(quiet, shapes_data, tmp_path, capsys):
-    real_step = T.train_step
+    real_step = L.train_step
     calls = {"n": 0}
 
     def step(*a, **k):
@@ -777,7 +780,7 @@ def test_cli_exits_cleanly_on_sigint(quiet, shapes_data, tmp_path, capsys):
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(*a, **k)
 
-    quiet.setattr(T, "train_step", step)
+    quiet.setattr(L, "train_step", step)
     cfg = write_config(tmp_path / "c.toml", tmp_path / "run", shapes_data)
     assert main(["-q", "train", "--config", str(cfg)]) == 130
     out = capsys.readouterr().out
@@ -871,7 +874,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
 
 def _signal_at(call: int, sig: int):
     """train_step wrapper that sends ``sig`` to this process at its ``call``-th call."""
-    real_step = T.train_step
+    real_step = L.train_step
     calls = {"n": 0}
 
     def step(*a, **k):
@@ -904,12 +907,12 @@ def test_hard_run_killed_and_resumed_is_bit_identical(quiet, shapes_data, tmp_pa
     cfg = tiny_cfg(tmp_path, shapes_data, *hard, out="run")
     out = tmp_path / "run"
     # 1) SIGTERM at batch 4 of 6 of epoch 1: a mid-epoch checkpoint (baseline, RNG, position)
-    real_step = T.train_step
-    quiet.setattr(T, "train_step", _signal_at(4, signal.SIGTERM))
+    real_step = L.train_step
+    quiet.setattr(L, "train_step", _signal_at(4, signal.SIGTERM))
     assert run_fit(cfg, evaluate_test=False).interrupted
     state = load_checkpoint(out / "last.pt")["train_state"]
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 4) and state["baseline"] is not None
-    quiet.setattr(T, "train_step", real_step)
+    quiet.setattr(L, "train_step", real_step)
     # 2) the console script resumes and is SIGKILLed during epoch 2 (no handler, no save): the
     # next resume starts from the end of epoch 1 and drops the log lines written after it
     env = {**os.environ, "PATH": str(tmp_path / "no-java")}
@@ -945,7 +948,7 @@ def test_hard_run_killed_and_resumed_is_bit_identical(quiet, shapes_data, tmp_pa
 
 def _poison_step(at: int, kind: str):
     """train_step wrapper: at call ``at`` return a NaN loss, or a finite loss with NaN grads."""
-    real = T.train_step
+    real = L.train_step
     calls = {"n": 0}
 
     def step(model, *a, **k):
@@ -976,7 +979,7 @@ def test_non_finite_stops_and_keeps_last_good_checkpoint(quiet, shapes_data, tmp
                             best=(out / "best.pt").read_bytes())
         return poisoned(*a, **k)
 
-    quiet.setattr(T, "train_step", step)
+    quiet.setattr(L, "train_step", step)
     with pytest.raises(T.TrainingError) as info:
         run_fit(cfg)
     msg = str(info.value)
@@ -991,7 +994,7 @@ def test_non_finite_stops_and_keeps_last_good_checkpoint(quiet, shapes_data, tmp
 
 
 def test_non_finite_stop_via_cli_is_one_line(quiet, shapes_data, tmp_path, capsys):
-    quiet.setattr(T, "train_step", _poison_step(2, "loss"))
+    quiet.setattr(L, "train_step", _poison_step(2, "loss"))
     cfg = write_config(tmp_path / "c.toml", tmp_path / "run", shapes_data)
     assert main(["-q", "train", "--config", str(cfg)]) == 2
     assert "non-finite loss (nan) at epoch 1, step 1" in one_line_error(capsys)
@@ -999,7 +1002,7 @@ def test_non_finite_stop_via_cli_is_one_line(quiet, shapes_data, tmp_path, capsy
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 def test_nan_policy_skip_skips_the_step(quiet, shapes_data, tmp_path, caplog, kind):
-    quiet.setattr(T, "train_step", _poison_step(4, kind))
+    quiet.setattr(L, "train_step", _poison_step(4, kind))
     cfg = tiny_cfg(tmp_path, shapes_data, "--train.nan_policy=skip")
     with caplog.at_level(logging.WARNING):
         result = run_fit(cfg, evaluate_test=False)

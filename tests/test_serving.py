@@ -10,7 +10,7 @@ from PIL import Image
 import showattend
 from showattend.cli import main
 from showattend.data.folder import default_workers, image_batches
-from showattend.training import evaluate_checkpoint
+from showattend.evaluation import evaluate_checkpoint
 
 
 def _photos(folder, n: int = 7):
