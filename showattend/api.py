@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,10 @@ from showattend.decoding import decode
 from showattend.loading import load_model
 from showattend.report import ModelInfo, Report
 from showattend.vocab import Vocab
+
+if TYPE_CHECKING:
+    from showattend.attention_grounding import WordScore
+    from showattend.data.entities import PhotoEntities
 
 ImageLike = str | os.PathLike | Image.Image
 
@@ -222,17 +226,35 @@ class CaptionerAPI:
                 yield (it.path, None, it.error) if it.error is not None else (it.path, next(caps),
                                                                              None)
 
-    def overlay(self, caption: Caption, smooth: bool = True):
+    def word_scores(self, caption: Caption, photo: PhotoEntities,
+                    image_size: tuple[int, int] | None = None) -> list[WordScore]:
+        """The words of ``caption`` that name a boxed thing of ``photo`` (its Flickr30k Entities
+        annotations): per word its reference boxes in the pixels of ``caption.view``, attention
+        correctness and pointing (see :mod:`showattend.attention_grounding`). ``image_size``:
+        (width, height) of the file the model read, when it is a resized copy of the photo;
+        default: read from the caption's file. Pass the result to :meth:`overlay`."""
+        from showattend.reference_boxes import caption_word_scores
+
+        return caption_word_scores(caption, photo, self.preprocess, image_size)
+
+    def overlay(self, caption: Caption, smooth: bool = True,
+                grounding: Sequence[WordScore] | None = None):
         """Figure: the image the model saw, then one heat-map panel per word (β in the title);
-        with several heads, one row per word: the mean map, then each head's."""
+        with several heads, one row per word: the mean map, then each head's. ``grounding``:
+        the caption's :meth:`word_scores`; each word that names a boxed thing gets its
+        reference boxes drawn (dashed green) and its correctness in the panel title."""
+        from showattend.reference_boxes import per_word
         from showattend.visualize import attention_figure, head_attention_figure
 
+        refs, correct = per_word(grounding, len(caption.words)) if grounding else (None, None)
         if caption.head_attention is not None:
             return head_attention_figure(caption.view, caption.words, caption.attention,
                                          caption.head_attention, boxes=caption.boxes,
-                                         title=caption.caption)
+                                         title=caption.caption, ref_boxes=refs,
+                                         ref_scores=correct)
         return attention_figure(caption.view, caption.words, caption.attention, caption.beta,
-                                boxes=caption.boxes, title=caption.caption)
+                                boxes=caption.boxes, title=caption.caption, ref_boxes=refs,
+                                ref_scores=correct)
 
 
 def load(checkpoint: str | os.PathLike, device: str = "auto", int8: bool = False) -> CaptionerAPI:

@@ -102,13 +102,18 @@ def attention_figure(
     boxes: Sequence[Box | None] | None = None,
     title: str | None = None,
     cols: int = 5,
+    ref_boxes: Sequence[Sequence[Box] | None] | None = None,
+    ref_scores: Sequence[float | None] | None = None,
 ) -> Figure:
     """Figure: the image captioned with ``words``, then one heat-map overlay per word.
 
     ``image`` (H, W, 3) uint8 (or (H, W) grey); ``alphas`` (T, h, w) one map per word; ``betas``
     (T,) gate values shown as "word (β=0.83)"; ``boxes`` per word (x0, y0, x1, y1) pixel
     rectangles (hard-attention crops; None for no box); ``title`` goes above all panels.
-    Returns a ``matplotlib.figure.Figure`` (T + 1 image axes, ``cols`` per row).
+    ``ref_boxes`` per word: the reference boxes of the thing it names (human boxes, e.g. Flickr30k
+    Entities, in the same pixels), drawn dashed green, or None for a word that names none;
+    ``ref_scores`` per word: its attention correctness against them (None: none), put in the
+    panel's title. Returns a ``matplotlib.figure.Figure`` (T + 1 image axes, ``cols`` per row).
     """
     img = np.asarray(image)
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
@@ -122,6 +127,7 @@ def attention_figure(
         raise ValueError(f"{b.shape[0]} betas for {T} words")
     if boxes is not None and len(boxes) != T:
         raise ValueError(f"{len(boxes)} boxes for {T} words")
+    _check_refs(ref_boxes, ref_scores, T)
     if cols < 1:
         raise ValueError(f"cols must be >= 1, got {cols}")
 
@@ -133,7 +139,10 @@ def attention_figure(
     caption = " ".join(words)
     # The caption title may wrap over several lines; give the first row the room it needs.
     caption_lines = textwrap.wrap(_escape(caption), width=30) or [""]
-    extra = 0.18 * (len(caption_lines) - 1) + (0.35 if title else 0.0)
+    scored = ref_scores is not None and any(v is not None for v in ref_scores)
+    has_refs = ref_boxes is not None and any(v for v in ref_boxes)
+    extra = (0.18 * (len(caption_lines) - 1) + (0.35 if title else 0.0)
+             + (0.18 * nrows if scored else 0.0) + (0.2 if has_refs else 0.0))
     fig = _new_figure(ncols * _PANEL_INCHES, nrows * (panel_h + _TITLE_INCHES) + extra)
     if title:
         fig.suptitle(_escape(title), fontsize=11)
@@ -145,17 +154,31 @@ def attention_figure(
     ax.imshow(img, extent=extent, cmap=cmap, interpolation="nearest")
     ax.set_title("\n".join(caption_lines), fontsize=9)
     ax.set_axis_off()
+    if has_refs:
+        _ref_legend(ax)
 
     for t, word in enumerate(words):
         label = _escape(word) if b is None else f"{_escape(word)} (β={b[t]:.2f})"
+        if ref_scores is not None and ref_scores[t] is not None:
+            label += f"\ncorrectness {ref_scores[t]:.2f}"
         _heat_panel(fig.add_subplot(nrows, ncols, t + 2), img, a[t], label, 10,
-                    None if boxes is None else boxes[t])
+                    None if boxes is None else boxes[t],
+                    None if ref_boxes is None else ref_boxes[t])
     return fig
 
 
+def _check_refs(ref_boxes: Sequence[Sequence[Box] | None] | None,
+                ref_scores: Sequence[float | None] | None, n_words: int) -> None:
+    if ref_boxes is not None and len(ref_boxes) != n_words:
+        raise ValueError(f"{len(ref_boxes)} reference-box entries for {n_words} words")
+    if ref_scores is not None and len(ref_scores) != n_words:
+        raise ValueError(f"{len(ref_scores)} reference scores for {n_words} words")
+
+
 def _heat_panel(ax: Axes, img: np.ndarray, alpha: np.ndarray, title: str, fontsize: float,
-                box: Box | None = None) -> None:
-    """One word's panel: the image, its attention map (h, w) upsampled over it, title, box."""
+                box: Box | None = None, ref_boxes: Sequence[Box] | None = None) -> None:
+    """One word's panel: the image, its attention map (h, w) upsampled over it, title, the crop
+    box and the reference boxes."""
     H, W = img.shape[:2]
     extent = (0, W, H, 0)  # pixel r on [r, r+1), the coordinates of attention cells and boxes
     heat = upsample_attention(alpha, (H, W))  # (H, W) in [0, 1]
@@ -166,6 +189,8 @@ def _heat_panel(ax: Axes, img: np.ndarray, alpha: np.ndarray, title: str, fontsi
     ax.set_title(title, fontsize=fontsize)
     if box is not None:
         _draw_box(ax, box)
+    for ref in ref_boxes or ():
+        _draw_ref_box(ax, ref)
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
     ax.set_axis_off()
@@ -179,11 +204,15 @@ def head_attention_figure(
     boxes: Sequence[Box | None] | None = None,
     title: str | None = None,
     panel_inches: float = 1.5,
+    ref_boxes: Sequence[Sequence[Box] | None] | None = None,
+    ref_scores: Sequence[float | None] | None = None,
 ) -> Figure:
     """Multi-head attention: one row per word, the mean map first, then one panel per head.
 
     ``alphas`` (T, h, w) the mean map, ``head_alphas`` (T, H, h, w); ``boxes`` per word drawn on
-    the mean panel (e.g. local attention's window). Returns a Figure of T × (H + 1) axes.
+    the mean panel (e.g. local attention's window); ``ref_boxes`` / ``ref_scores`` per word as in
+    :func:`attention_figure`, on every panel of the word's row (the score in the mean panel's
+    title). Returns a Figure of T × (H + 1) axes.
     """
     img = np.asarray(image)
     a = np.asarray(alphas, dtype=np.float64)
@@ -195,6 +224,7 @@ def head_attention_figure(
                          f"(expected (T, h, w) and (T, H, h, w))")
     if boxes is not None and len(boxes) != T:
         raise ValueError(f"{len(boxes)} boxes for {T} words")
+    _check_refs(ref_boxes, ref_scores, T)
     H, W = img.shape[:2]
     n_heads = ha.shape[1]
     ncols, nrows = n_heads + 1, max(T, 1)
@@ -203,10 +233,14 @@ def head_attention_figure(
         fig.suptitle(_escape(title), fontsize=10)
     for t, word in enumerate(words):
         maps = [a[t]] + [ha[t, k] for k in range(n_heads)]
+        score = None if ref_scores is None else ref_scores[t]
         for k, m in enumerate(maps):
-            _heat_panel(fig.add_subplot(nrows, ncols, t * ncols + k + 1), img, m,
-                        f"{_escape(word)}: mean" if k == 0 else f"head {k}", 8,
-                        boxes[t] if k == 0 and boxes is not None else None)
+            label = f"{_escape(word)}: mean" if k == 0 else f"head {k}"
+            if k == 0 and score is not None:
+                label += f" (correctness {score:.2f})"
+            _heat_panel(fig.add_subplot(nrows, ncols, t * ncols + k + 1), img, m, label, 8,
+                        boxes[t] if k == 0 and boxes is not None else None,
+                        None if ref_boxes is None else ref_boxes[t])
     return fig
 
 
@@ -251,6 +285,32 @@ def _draw_box(ax: Axes, box: Box) -> None:
     for colour, width in (("black", 3.0), ("white", 1.5)):
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
                                edgecolor=colour, linewidth=width))
+
+
+# Reference boxes: dashed bright green over a dark outline, unlike the solid white crop box.
+REF_BOX_COLOUR = "#39ff6a"
+REF_BOX_LABEL = "reference boxes (Flickr30k Entities)"
+REF_BOX_GID = "reference-box"  # the gid of the dashed patches (tests and tools find them by it)
+
+
+def _draw_ref_box(ax: Axes, box: Box) -> None:
+    from matplotlib.patches import Rectangle
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black",
+                           linewidth=2.6, alpha=0.7))
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=REF_BOX_COLOUR,
+                           linewidth=1.4, linestyle=(0, (3, 2)), gid=REF_BOX_GID))
+
+
+def _ref_legend(ax: Axes) -> None:
+    """The legend line under the image panel: what the dashed green boxes are."""
+    from matplotlib.patches import Rectangle
+
+    handle = Rectangle((0, 0), 1, 1, fill=False, edgecolor=REF_BOX_COLOUR, linewidth=1.4,
+                       linestyle=(0, (3, 2)))
+    ax.legend([handle], [REF_BOX_LABEL], loc="upper center", bbox_to_anchor=(0.5, 0.0),
+              fontsize=6.5, frameon=False, handlelength=1.6, borderaxespad=0.2)
 
 
 def save_attention_figure(fig: Figure, path: str | os.PathLike) -> None:

@@ -355,3 +355,66 @@ def test_serve_upload_photo_then_bad_file_server_keeps_serving(driver, served, t
     # the only console errors are the browser's notes on the refused upload's status
     errors = console_errors(driver)
     assert all("status of 415" in e for e in errors), errors
+
+
+# ---------------------------------------------------------------------------- reference boxes
+
+
+def test_reference_boxes_follow_the_word_and_sort_by_worst_grounding(driver, tmp_path, shots):
+    from test_reference_boxes import CAT, DOG_MAN, FLAT, LEFT, TOP_RIGHT, _caption
+
+    caps = [
+        _caption("/p/1234_a.png", ["a", "dog", "near", "a", "man"],
+                 [FLAT, LEFT, FLAT, FLAT, TOP_RIGHT]),   # mean correctness 0.55
+        _caption("/p/5678_y.png", ["a", "dog"], [FLAT, LEFT]),  # no annotations
+        _caption("/p/9999_z.png", ["a", "dog"], [FLAT, LEFT]),  # annotated, no named word
+        _caption("/p/1234_b.png", ["a", "man"], [FLAT, TOP_RIGHT]),  # 0.3
+        _caption("/p/1234_c.png", ["a", "dog"], [FLAT, LEFT]),  # 0.8
+    ]
+    ents = {"1234_a.png": DOG_MAN, "1234_b.png": DOG_MAN, "1234_c.png": DOG_MAN,
+            "9999_z.png": CAT}
+    rep = Report.from_captions({"m": caps}, entities=ents)
+    path = rep.save(tmp_path / "boxes.html")
+    open_report(driver, path)
+
+    sort = Select(driver.find_element(By.ID, "sort"))
+    assert "worst grounding first (m)" in [o.text for o in sort.options]
+    sort.select_by_value("grounding:0")
+    order = [int(x.get_attribute("data-image"))
+             for x in driver.find_elements(By.CSS_SELECTOR, "#list .item")]
+    assert order == [3, 0, 4, 1, 2]  # worst mean correctness first; no scored word last
+
+    driver.execute_script("window.showattend.select(0)")
+    stage = driver.find_element(By.CSS_SELECTOR, ".panel[data-model='0'] .stage")
+    legend = driver.find_element(By.CSS_SELECTOR, ".panel[data-model='0'] .legend")
+    assert legend.is_displayed() and legend.text == "reference boxes (Flickr30k Entities)"
+    words = driver.find_elements(By.CSS_SELECTOR, ".panel[data-model='0'] .word")
+    assert [w.text.strip() for w in words] == caps[0].words  # the figure is no part of the text
+    figure = driver.execute_script(
+        "return getComputedStyle(arguments[0], '::after').content", words[1])
+    assert figure == '"0.80"' and "reference boxes 0.800" in words[1].get_attribute("title")
+
+    def ref_rects() -> list[tuple[float, float, float, float]]:
+        s = stage.rect
+        return [((r["x"] - s["x"]) / s["width"], (r["y"] - s["y"]) / s["height"],
+                 r["width"] / s["width"], r["height"] / s["height"])
+                for r in (b.rect for b in stage.find_elements(By.CSS_SELECTOR, ".refbox"))]
+
+    words[1].click()  # "dog": the left half of the picture
+    assert ref_rects() == [pytest.approx((0, 0, 0.5, 1), abs=0.01)]
+    shown = driver.execute_script("return window.showattend.shown[0]")
+    assert shown["refBoxes"] == [[0, 0, 20, 40]] and shown["correctness"] == pytest.approx(0.8)
+    assert "on its reference boxes 0.80" in driver.find_element(
+        By.CSS_SELECTOR, ".panel[data-model='0'] .info").text
+    driver.save_screenshot(str(shots / "report_reference_boxes.png"))
+    ActionChains(driver).move_to_element(words[4]).perform()  # hover "man": the top-right quarter
+    assert ref_rects() == [pytest.approx((0.5, 0, 0.5, 0.5), abs=0.01)]
+    ActionChains(driver).move_to_element(words[2]).perform()  # "near" names nothing
+    assert ref_rects() == []
+    ActionChains(driver).move_to_element(driver.find_element(By.ID, "name")).perform()
+    assert ref_rects() == [pytest.approx((0, 0, 0.5, 1), abs=0.01)]  # back to the selected word
+
+    driver.execute_script("window.showattend.select(1)")  # no annotations: no legend, no boxes
+    assert not driver.find_element(By.CSS_SELECTOR, ".panel[data-model='0'] .legend").is_displayed()
+    assert driver.find_elements(By.CSS_SELECTOR, ".refbox") == []
+    assert console_errors(driver) == []

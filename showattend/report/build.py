@@ -1,5 +1,7 @@
 """The attention report: captions, maps, β, crop boxes, beam alternatives and scores of one or
-more models on a set of images, as one self-contained HTML page, a JSON export and animations.
+more models on a set of images (with human reference boxes and each named word's attention
+correctness when Flickr30k Entities annotations are attached), as one self-contained HTML page, a
+JSON export and animations.
 
 The page is a template with its script and style inlined (package data in ``assets/``) and the
 data as one JSON block. What makes 200-image reports open fast: each attention map travels as
@@ -26,10 +28,14 @@ import numpy as np
 from PIL import Image
 
 from showattend.data.folder import iter_image_paths
+from showattend.data.images import Preprocessor
 from showattend.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from showattend.api import Caption, CaptionerAPI
+    from showattend.attention_grounding import WordScore
+    from showattend.data.entities import PhotoEntities
+    from showattend.reference_boxes import EntitiesSource
 
 __all__ = ["ModelInfo", "Entry", "Report", "decode_maps", "encode_maps", "image_data_uri",
            "name_models", "render_page"]
@@ -50,6 +56,8 @@ class ModelInfo:
     beam: int = 1
     mode: str = "expectation"  # test-time attention mode
     checkpoint: str = ""
+    # the model's preprocessing: its geometry moves reference boxes into the view (not exported)
+    preprocess: Preprocessor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_api(cls, name: str, api: CaptionerAPI, beam: int, mode: str | None,
@@ -57,7 +65,8 @@ class ModelInfo:
         model = api.model
         return cls(name=name, attention=api.attention_kind, grid=tuple(model.grid),
                    window=int(getattr(model.decoder.attention, "window", 1)), beam=beam,
-                   mode=mode or model.test_mode, checkpoint=checkpoint)
+                   mode=mode or model.test_mode, checkpoint=checkpoint,
+                   preprocess=api.preprocess)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "attention": self.attention, "grid": list(self.grid),
@@ -74,6 +83,22 @@ class Entry:
     captions: list[Caption]  # one per model, in the report's model order
     references: list[str] = field(default_factory=list)
     scores: list[dict[str, float] | None] = field(default_factory=list)  # per model
+    photo: PhotoEntities | None = None  # its Flickr30k Entities annotations, when attached
+    # per model, per beam (the caption's alternatives, best first): the words that name a boxed
+    # thing of ``photo``, with reference boxes in view pixels and correctness; [] without photo
+    grounding: list[list[list[WordScore]]] = field(default_factory=list)
+
+    def grounding_summary(self, model: int) -> dict[str, Any] | None:
+        """Mean correctness and pointing of one model's caption (its best beam) over its words
+        that name a boxed thing (None for a caption with no such word: ``words`` 0); None when
+        the image has no annotations. What "worst grounding first" sorts by."""
+        if not self.grounding:
+            return None
+        scores = self.grounding[model][0]
+        n = len(scores)
+        return {"words": n,
+                "correctness": float(np.mean([x.correctness for x in scores])) if n else None,
+                "pointing": float(np.mean([x.pointing for x in scores])) if n else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,9 +148,29 @@ def image_data_uri(view: np.ndarray, max_side: int | None = None) -> str:
     return f"data:{mime};base64," + base64.b64encode(best).decode("ascii")
 
 
-def _beam_record(c: Caption) -> dict[str, Any]:
+def _word_grounding(scores: Sequence[WordScore], n_words: int, full: bool = False
+                    ) -> list[dict[str, Any] | None]:
+    """Per word of a caption: None, or the reference boxes of the thing it names (view pixels)
+    with its correctness, pointing and the uniform map's correctness (the boxes' share of the
+    image); rounded for the page, at full precision (with the map's entropy) when ``full``."""
+    def r(v: float, digits: int) -> float:
+        return float(v) if full else round(float(v), digits)
+
+    out: list[dict[str, Any] | None] = [None] * n_words
+    for x in scores:
+        rec = {"noun": x.noun, "types": list(x.types),
+               "boxes": [[r(v, 2) for v in b] for b in x.boxes],
+               "correctness": r(x.correctness, 4), "pointing": bool(x.pointing),
+               "uniform": r(x.uniform, 4)}
+        if full:
+            rec["entropy"] = float(x.entropy)
+        out[x.index] = rec
+    return out
+
+
+def _beam_record(c: Caption, grounding: Sequence[WordScore] | None = None) -> dict[str, Any]:
     maps, peaks = encode_maps(c.attention)
-    return {
+    rec = {
         "words": list(c.words),
         "score": round(float(c.score), 4),
         "beta": [round(float(b), 4) for b in np.asarray(c.beta).reshape(-1)],
@@ -134,6 +179,9 @@ def _beam_record(c: Caption) -> dict[str, Any]:
         "loc": [int(x) for x in np.asarray(c.locations).reshape(-1)],
         "boxes": None if c.boxes is None else [[round(float(v), 2) for v in b] for b in c.boxes],
     }
+    if grounding is not None:  # the image has reference boxes: per word, None or its boxes
+        rec["grounding"] = _word_grounding(grounding, len(c.words))
+    return rec
 
 
 def _default_title(models: Sequence[ModelInfo], n: int) -> str:
@@ -175,9 +223,11 @@ class Report:
     def build(cls, models: Mapping[str, CaptionerAPI], inputs: Sequence[str | os.PathLike],
               references: Mapping[str, Sequence[str]] | None = None, beam: int | None = None,
               mode: str | None = None, checkpoints: Mapping[str, str] | None = None,
-              title: str | None = None, batch_size: int = 16, progress: bool = False) -> Report:
+              title: str | None = None, batch_size: int = 16, progress: bool = False,
+              entities: EntitiesSource | None = None) -> Report:
         """Caption every image under ``inputs`` with every model (keeping all beams), attach the
-        references (matched by file name) and score each caption (BLEU-4, CIDEr).
+        references (matched by file name) and score each caption (BLEU-4, CIDEr), and the
+        reference boxes of ``entities`` (see :meth:`attach_entities`).
 
         Unreadable images are left out and listed in ``skipped``.
         """
@@ -210,15 +260,17 @@ class Report:
         report = cls(infos, entries, sorted(skipped.items()), title)
         if references:
             report.attach_references(references)
+        if entities is not None:
+            report.attach_entities(entities)
         return report
 
     @classmethod
     def from_captions(cls, captions: Mapping[str, Sequence[Caption]],
                       references: Mapping[str, Sequence[str]] | None = None,
-                      models: Sequence[ModelInfo] | None = None, title: str | None = None
-                      ) -> Report:
+                      models: Sequence[ModelInfo] | None = None, title: str | None = None,
+                      entities: EntitiesSource | None = None) -> Report:
         """A report from captions already made: {model name: [Caption per image]} (same images,
-        same order for every model)."""
+        same order for every model); ``references`` and ``entities`` as in :meth:`build`."""
         names = list(captions)
         lists = [list(captions[n]) for n in names]
         if not lists or len({len(x) for x in lists}) != 1:
@@ -237,6 +289,8 @@ class Report:
         report = cls(models, entries, title=title)
         if references:
             report.attach_references(references)
+        if entities is not None:
+            report.attach_entities(entities)
         return report
 
     def attach_references(self, references: Mapping[str, Sequence[str]]) -> int:
@@ -261,6 +315,34 @@ class Report:
                     self.entries[i].scores[m] = scores[i]
         return len(with_refs)
 
+    def attach_entities(self, entities: EntitiesSource) -> int:
+        """Attach human boxes (Flickr30k Entities) and score each caption's words against them;
+        returns how many images have annotations.
+
+        ``entities``: ``annotations.zip`` or its folder (an image is matched by the Flickr id its
+        file name starts with: ``1000268201_693b08cb0e.jpg``), or ``{image path or file name:
+        PhotoEntities}``. Every word of every beam that names a boxed thing of its photo (the
+        rule of :func:`~showattend.attention_grounding.photo_targets`) gets its reference boxes,
+        mapped into the view by the model's preprocessing (``ModelInfo.preprocess``; without
+        one, the view is taken as a plain stretch of the whole file), and its correctness and
+        pointing. An image file that is a resized copy of the photo is handled (the file's own
+        size is read). A source that cannot be read raises ``EntitiesError``.
+        """
+        from showattend.reference_boxes import caption_word_scores, file_size, photos_for_images
+
+        photos = photos_for_images(entities, [e.path for e in self.entries])
+        for e in self.entries:
+            e.photo, e.grounding = photos.get(e.path), []
+            if e.photo is None:
+                continue
+            size = file_size(e.path)
+            for info, c in zip(self.models, e.captions):
+                pre = info.preprocess or Preprocessor(size=c.view.shape[:2], mean=(0.0,) * 3,
+                                                      std=(1.0,) * 3)
+                e.grounding.append([caption_word_scores(a, e.photo, pre, size)
+                                    for a in (c.alternatives or [c])])
+        return sum(1 for e in self.entries if e.photo is not None)
+
     # ---- the page --------------------------------------------------------------------------
 
     def page_data(self, mode: str = "static", **extra: Any) -> dict[str, Any]:
@@ -275,17 +357,23 @@ class Report:
         views: list[str] = []
         seen: dict[bytes, int] = {}
         results = []
-        for c, scores in zip(e.captions, e.scores):
+        for m, (c, scores) in enumerate(zip(e.captions, e.scores)):
             key = c.view.tobytes()  # models with the same preprocessing share one picture
             if key not in seen:
                 seen[key] = len(views)
                 views.append(image_data_uri(c.view, self.max_side))
             alts = c.alternatives or [c]
-            results.append({"view": seen[key], "w": int(c.view.shape[1]),
-                            "h": int(c.view.shape[0]), "scores": scores,
-                            "beams": [_beam_record(a) for a in alts]})
-        return {"name": e.name, "path": e.path, "refs": e.references, "views": views,
-                "results": results}
+            per_beam = e.grounding[m] if e.grounding else [None] * len(alts)
+            res = {"view": seen[key], "w": int(c.view.shape[1]), "h": int(c.view.shape[0]),
+                   "scores": scores, "beams": [_beam_record(a, g) for a, g in zip(alts, per_beam)]}
+            if e.grounding:  # only images with reference boxes carry these (format 1 + fields)
+                res["grounding"] = e.grounding_summary(m)
+            results.append(res)
+        out = {"name": e.name, "path": e.path, "refs": e.references, "views": views,
+               "results": results}
+        if e.photo is not None:
+            out["entities"] = e.photo.photo_id
+        return out
 
     def html(self, mode: str = "static", **extra: Any) -> str:
         """The whole page: one file, no network needed (script, style, images and maps inline)."""
@@ -301,17 +389,28 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         """Everything the page shows at full precision, for people's own notebooks: per image
         and model the caption, words, log p, attention (per word h×w), β, attended cells, crop
-        boxes (hard attention), BLEU-4/CIDEr, and every beam alternative."""
+        boxes (hard attention), BLEU-4/CIDEr, and every beam alternative; with reference boxes
+        attached (:meth:`attach_entities`) also the image's Flickr id (``entities``), per caption
+        its ``grounding`` (per word: None, or the named thing's boxes in view pixels,
+        correctness, pointing, the uniform map's correctness, entropy) and
+        ``grounding_summary`` (means over its scored words)."""
         images = []
         for e in self.entries:
             results = {}
-            for info, c, scores in zip(self.models, e.captions, e.scores):
-                rec = _caption_json(c)
+            for m, (info, c, scores) in enumerate(zip(self.models, e.captions, e.scores)):
+                alts = c.alternatives or [c]
+                per_beam = e.grounding[m] if e.grounding else [None] * len(alts)
+                rec = _caption_json(c, per_beam[0])
                 rec["scores"] = scores
-                rec["alternatives"] = [_caption_json(a) for a in (c.alternatives or [c])]
+                rec["alternatives"] = [_caption_json(a, g) for a, g in zip(alts, per_beam)]
+                if e.grounding:
+                    rec["grounding_summary"] = e.grounding_summary(m)
                 results[info.name] = rec
-            images.append({"name": e.name, "image": e.path, "references": e.references,
-                           "results": results})
+            image = {"name": e.name, "image": e.path, "references": e.references,
+                     "results": results}
+            if e.photo is not None:
+                image["entities"] = e.photo.photo_id
+            images.append(image)
         return {"version": FORMAT_VERSION, "title": self.title,
                 "models": [m.to_dict() for m in self.models], "images": images,
                 "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
@@ -376,9 +475,11 @@ def name_models(checkpoints: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _caption_json(c: Caption) -> dict[str, Any]:
+def _caption_json(c: Caption, grounding: Sequence[WordScore] | None = None) -> dict[str, Any]:
     rec = c.to_json()
     rec["locations"] = [int(x) for x in np.asarray(c.locations).reshape(-1)]
+    if grounding is not None:
+        rec["grounding"] = _word_grounding(grounding, len(c.words), full=True)
     return rec
 
 

@@ -146,6 +146,8 @@
     const scored = data.images.some((im) => im.results.some((r) => r && r.scores));
     let meta = (data.mode === "serve" ? "" : `${n} image${n === 1 ? "" : "s"} · `) + models.map(describe).join(" · ");
     if (scored) meta += " · BLEU-4 and CIDEr per caption against the references; CIDEr's document frequencies come from this report's images";
+    const boxed = data.images.filter((im) => im.entities !== undefined).length;
+    if (boxed) meta += ` · reference boxes (Flickr30k Entities) for ${boxed} of ${n} images; the figure under a word that names a boxed thing is its attention correctness, the share of its attention on those boxes (red: less than a uniform map's)`;
     $("meta").textContent = meta;
     if (data.skipped && data.skipped.length) {
       const s = $("skipped");
@@ -167,6 +169,8 @@
         add(`CIDEr:${i}`, `worst CIDEr first (${m.name})`);
       }
       add(`logp:${i}`, `lowest log p first (${m.name})`);
+      if (data.images.some((im) => im.results[i] && im.results[i].grounding))
+        add(`grounding:${i}`, `worst grounding first (${m.name})`);
     });
     if ([...sel.options].some((o) => o.value === prev)) sel.value = prev;
   }
@@ -176,6 +180,8 @@
     const r = im.results[+i];
     if (!r) return Infinity;
     if (what === "logp") return r.beams[0].score;
+    // mean correctness of the caption's words that name a boxed thing; none such: last
+    if (what === "grounding") return r.grounding && r.grounding.words ? r.grounding.correctness : Infinity;
     return r.scores ? r.scores[what] : Infinity;  // images without references go last
   }
 
@@ -222,9 +228,12 @@
       const r = im.results[m];
       if (r) {
         txt.appendChild(el("div", "cap", r.beams[0].words.join(" ")));
-        txt.appendChild(el("div", "sc", r.scores
+        let sc = r.scores
           ? `BLEU-4 ${fmt(r.scores["BLEU-4"], 2)} · CIDEr ${fmt(r.scores.CIDEr, 2)}`
-          : `log p ${fmt(r.beams[0].score, 2)}`));
+          : `log p ${fmt(r.beams[0].score, 2)}`;
+        if (r.grounding) sc += r.grounding.words
+          ? ` · on boxes ${fmt(r.grounding.correctness, 2)}` : " · no boxed word";
+        txt.appendChild(el("div", "sc", sc));
       }
       item.append(img, txt);
       item.addEventListener("click", () => select(i));
@@ -276,15 +285,21 @@
       photo.src = im.views[r.view];
       const heat = el("canvas", "heat");
       const marks = el("canvas", "marks");
-      stage.append(photo, heat, marks);
+      const refs = el("div", "refs");  // the selected word's reference boxes, one div each
+      stage.append(photo, heat, marks, refs);
+      const legend = el("div", "legend");
+      legend.appendChild(el("span", "swatch"));
+      legend.appendChild(document.createTextNode("reference boxes (Flickr30k Entities)"));
+      legend.hidden = im.entities === undefined;
       const info = el("div", "info");
+      info.classList.toggle("tall", im.entities !== undefined);  // room for the boxes' figures
       const words = el("div", "words");
       const scores = el("div", "scores");
       const beams = el("ol", "beams");
-      p.append(stage, info, words, scores, beams);
+      p.append(stage, legend, info, words, scores, beams);
       p.addEventListener("click", () => setActive(mi));
       box.appendChild(p);
-      panels.push({ p, stage, heat, marks, info, words, scores, beams });
+      panels.push({ p, stage, heat, marks, refs, info, words, scores, beams });
       fillPanel(mi);
     });
     const refs = $("refs");
@@ -309,6 +324,13 @@
       bar.appendChild(fill);
       s.appendChild(bar);
       s.title = `β = ${fmt(b.beta[t], 3)}`;
+      const g = b.grounding && b.grounding[t];
+      if (g) {  // names a boxed thing: its correctness under the word (a ::after, not text)
+        s.classList.add("named");
+        s.classList.toggle("below", g.correctness < g.uniform);
+        s.dataset.g = fmt(g.correctness, 2);
+        s.title += ` · attention on its reference boxes ${fmt(g.correctness, 3)} (a uniform map: ${fmt(g.uniform, 3)}) · peak ${g.pointing ? "inside" : "outside"}`;
+      }
       s.addEventListener("mouseenter", () => draw(mi, t));
       s.addEventListener("mouseleave", () => draw(mi, state.word[mi]));
       s.addEventListener("click", (ev) => { ev.stopPropagation(); setActive(mi); setWord(mi, t); });
@@ -353,8 +375,9 @@
       P.heat.width = P.heat.height = 1;
       P.heat.getContext("2d").clearRect(0, 0, 1, 1);
       P.marks.getContext("2d").clearRect(0, 0, P.marks.width, P.marks.height);
+      P.refs.innerHTML = "";
       P.info.textContent = "empty caption: the model ended it before any word";
-      shown[mi] = { image: state.image, model: mi, beam: state.beam[mi], word: -1, text: "", map: [], peak: -1 };
+      shown[mi] = { image: state.image, model: mi, beam: state.beam[mi], word: -1, text: "", map: [], peak: -1, refBoxes: [] };
       return;
     }
     const maps = beamMaps(b, m.grid);
@@ -364,6 +387,8 @@
     P.stage.classList.toggle("cells", !smooth);
     P.heat.dataset.word = t;
     drawMarks(P, r, m, b, t, map);
+    const g = b.grounding ? b.grounding[t] : null;
+    drawRefs(P, r, g);
     for (const s of P.words.children) s.classList.toggle("on", +s.dataset.word === t);
     let peak = 0;
     for (let i = 1; i < map.length; i++) if (map[i] > map[peak]) peak = i;
@@ -374,9 +399,26 @@
       const bx = b.boxes[t];
       txt += ` · crop (${bx.map((v) => Math.round(v)).join(", ")})`;
     }
+    if (g) txt += ` · on its reference boxes ${fmt(g.correctness, 2)} (uniform ${fmt(g.uniform, 2)}), peak ${g.pointing ? "inside" : "outside"}`;
     P.info.appendChild(document.createTextNode(txt));
     shown[mi] = { image: state.image, model: mi, beam: state.beam[mi], word: t,
-                  text: b.words[t], map: Array.from(map), peak: peak };
+                  text: b.words[t], map: Array.from(map), peak: peak,
+                  refBoxes: g ? g.boxes : [], correctness: g ? g.correctness : null };
+  }
+
+  function drawRefs(P, r, g) {
+    // The reference boxes (human, Flickr30k Entities) of the thing the word names, in the view's
+    // pixels like the crop box; as elements placed in percent, so they follow the stage's size.
+    P.refs.innerHTML = "";
+    if (!g) return;
+    for (const [x0, y0, x1, y1] of g.boxes) {
+      const d = el("div", "refbox");
+      d.style.left = `${100 * x0 / r.w}%`;
+      d.style.top = `${100 * y0 / r.h}%`;
+      d.style.width = `${100 * (x1 - x0) / r.w}%`;
+      d.style.height = `${100 * (y1 - y0) / r.h}%`;
+      P.refs.appendChild(d);
+    }
   }
 
   function drawMarks(P, r, m, b, t, map) {
