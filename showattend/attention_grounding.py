@@ -373,25 +373,28 @@ def photos_for_records(path: str | os.PathLike, records: Sequence[ImageRecord]
     """The annotations of each record's photo (matched by the Flickr id in its file name), read
     once from ``path`` (annotations.zip or its folder); None where a photo has none (also for a
     file name without a Flickr id)."""
-    ids = [_photo_id(r) for r in records]
+    ids = [photo_id(r.path) for r in records]
     found = read_entities(path, ids=sorted({i for i in ids if i is not None}))
     return [found.get(i) if i is not None else None for i in ids]
 
 
-def _photo_id(record: ImageRecord) -> str | None:
+def photo_id(path: str | os.PathLike) -> str | None:
+    """The Flickr id an image file's name starts with (``1000268201_693b08cb0e.jpg``), else None."""
     try:
-        return flickr_id(Path(record.path).name)
+        return flickr_id(Path(path).name)
     except ValueError:
         return None
 
 
 def file_sizes(records: Sequence[ImageRecord]) -> list[tuple[int, int] | None]:
     """(width, height) of each record's image file (header only); None where it cannot be read."""
-    sizes: list[tuple[int, int] | None] = []
-    for r in records:
-        try:
-            with Image.open(r.path) as im:
-                sizes.append((int(im.width), int(im.height)))
-        except (OSError, ValueError):
-            sizes.append(None)
-    return sizes
+    return [file_size(r.path) for r in records]
+
+
+def file_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) of an image file (header only); None when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return int(im.width), int(im.height)
+    except (OSError, ValueError):
+        return None

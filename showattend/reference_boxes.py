@@ -14,10 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image
 
-from showattend.attention_grounding import FloatBox, WordScore, word_scores
-from showattend.data.entities import EntitiesError, PhotoEntities, flickr_id, read_entities
+from showattend.attention_grounding import FloatBox, WordScore, file_size, photo_id, word_scores
+from showattend.data.entities import EntitiesError, PhotoEntities, read_entities
 from showattend.data.images import Preprocessor
 
 if TYPE_CHECKING:
@@ -27,13 +26,6 @@ __all__ = ["EntitiesSource", "caption_word_scores", "file_size", "per_word", "ph
 
 # annotations.zip or its folder, or annotations already read: {image path or file name: photo}
 EntitiesSource = str | os.PathLike | Mapping[str, PhotoEntities]
-
-
-def _photo_id(path: str) -> str | None:
-    try:
-        return flickr_id(Path(path).name)
-    except ValueError:
-        return None
 
 
 def photos_for_images(source: EntitiesSource, paths: Iterable[str | os.PathLike]
@@ -52,7 +44,7 @@ def photos_for_images(source: EntitiesSource, paths: Iterable[str | os.PathLike]
         found = {p: source.get(p) or by_name.get(Path(p).name) for p in paths}
         return {p: photo for p, photo in found.items() if photo is not None}
     read_entities(source, ids=[])  # checks the source itself; reads no photo
-    ids = {p: _photo_id(p) for p in paths}
+    ids = {p: photo_id(p) for p in paths}
     wanted = sorted({i for i in ids.values() if i is not None})
     if not wanted:
         return {}
@@ -61,15 +53,6 @@ def photos_for_images(source: EntitiesSource, paths: Iterable[str | os.PathLike]
     except EntitiesError:  # the source is readable (checked above): it has none of these photos
         return {}
     return {p: photos[i] for p, i in ids.items() if i is not None and i in photos}
-
-
-def file_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(width, height) of an image file (header only); None when it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            return int(im.width), int(im.height)
-    except (OSError, ValueError):
-        return None
 
 
 def caption_word_scores(caption: Caption, photo: PhotoEntities, preprocess: Preprocessor,
