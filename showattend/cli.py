@@ -93,7 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from showattend.config import load_config
     from showattend.train import fit
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"train.init={json.dumps(args.init)}"] if args.init else [])
+    cfg = load_config(args.config, overrides)
     result = fit(cfg, resume=args.resume, progress=not args.quiet)
     if result.interrupted:
         print(f"interrupted: saved {Path(cfg.out_dir) / 'last.pt'}; continue with --resume")
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True,
                    help="TOML config file, or a built-in config name (demo, coco_soft, ...)")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    t.add_argument("--init", metavar="CK", help="start from this checkpoint's weights "
+                   "(train.init; e.g. a cross-entropy best.pt for train.objective = \"scst\")")
     t.set_defaults(func=cmd_train)
 
     pp = sub.add_parser("prepare", help="read captions + images once into a prepared folder "

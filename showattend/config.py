@@ -119,6 +119,15 @@ class SupervisionConfig:
 
 
 @dataclass(frozen=True)
+class ScstConfig:
+    """Self-critical sequence training (``train.objective = "scst"``): CIDEr-D of sampled
+    captions minus a baseline, fine-tuning a cross-entropy checkpoint (``train.init``)."""
+
+    samples: int = 5  # captions drawn per image (K)
+    baseline: str = "mean"  # "mean": of the image's other K−1 samples | "greedy": greedy caption
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, schedule, checkpointing."""
 
@@ -146,6 +155,8 @@ class TrainConfig:
     nan_policy: str = "stop"  # "stop" | "skip"
     log_every: int = 50
     threads: int = 0  # torch threads on CPU (0 = torch default)
+    objective: str = "auto"  # "auto": the model's (cross-entropy / REINFORCE) | "scst"
+    init: str = ""  # checkpoint whose weights start a new run (vocabulary and images checked)
 
 
 @dataclass(frozen=True)
@@ -172,6 +183,7 @@ class Config:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     hard: HardConfig = field(default_factory=HardConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -303,6 +315,8 @@ _CHOICES = {
     ("train", "precision"): ("fp32", "bf16"),
     ("train", "lr_schedule"): ("plateau", "cosine"),
     ("supervision", "loss"): ("mass", "ce"),
+    ("train", "objective"): ("auto", "scst"),
+    ("scst", "baseline"): ("mean", "greedy"),
 }
 
 
@@ -356,6 +370,10 @@ def validate(cfg: Config) -> None:
     if cfg.eval.no_repeat_ngram == 1:
         raise ConfigError("eval.no_repeat_ngram = 1 would forbid repeating any word; use 0 (off) "
                           "or n >= 2")
+    if cfg.train.objective == "scst" and cfg.scst.samples < (2 if cfg.scst.baseline == "mean"
+                                                             else 1):
+        raise ConfigError("scst.samples must be >= 2 with the mean-of-others baseline (>= 1 "
+                          "with scst.baseline = \"greedy\")")
     if not 0.0 <= cfg.train.lr_final <= 1.0:
         raise ConfigError("train.lr_final must be in [0, 1] (a fraction of train.lr)")
     if not 0 < cfg.train.lr < math.inf:

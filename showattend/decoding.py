@@ -276,5 +276,51 @@ def decode(model, feats: torch.Tensor, beam: int = 1, max_len: int = 20, length_
                        keep_beams=keep_beams)
 
 
+class Sampled(NamedTuple):
+    """Captions drawn from the model (multinomial, word by word); positions after <end> hold
+    <pad>. ``noise`` (B, T) are the uniform draws that fixed the sampled attention locations
+    (hard attention), so teacher forcing with the same draws replays the same locations."""
+
+    tokens: torch.Tensor  # (B, T)
+    lengths: torch.Tensor  # (B,) words, without <end>
+    noise: torch.Tensor | None  # (B, T) or None (soft attention)
+
+
+@torch.no_grad()
+@_packed_weights
+def sample(model, feats: torch.Tensor, max_len: int = 20, temperature: float = 1.0,
+           generator: torch.Generator | None = None) -> Sampled:
+    """Draw one caption per row of feats (B, L, D) from p(w_t | w_<t, image)^(1/temperature):
+    the same step function as decoding; <pad> and <start> are never drawn, and <end> is forced
+    after ``max_len`` words. Stochastic attention samples its locations too (its training mode,
+    "sample"), soft attention uses its expected context. Draws come from ``generator`` or the
+    global stream (which a checkpoint saves, so resumed runs repeat them)."""
+    mode = "sample" if getattr(model, "stochastic", False) else "expectation"
+    b, dev = feats.shape[0], feats.device
+    mem = model.memory(feats)
+    state = model.decoder.init_state(feats)
+    prev = torch.full((b,), START_ID, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    noise = torch.rand(b, max_len + 1, device=dev, generator=generator) \
+        if mode == "sample" else None
+    toks = []
+    for t in range(max_len + 1):
+        out = model.decoder.step(mem, state, prev, mode,
+                                 noise=noise[:, t] if noise is not None else None)
+        logp = _mask_logp(torch.log_softmax(out.logits.float() / temperature, -1), t, max_len)
+        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (B,)
+        tok = torch.where(done, torch.full_like(tok, END_ID), tok)
+        toks.append(tok)
+        done = done | (tok == END_ID)
+        state, prev = out.state, tok
+        if bool(done.all()):
+            break
+    fin = _finish(torch.stack(toks, 1), feats.new_zeros(b), feats.new_zeros(b, 1, 1),
+                  feats.new_zeros(b, 1), feats.new_zeros(b, 1))
+    if noise is not None:
+        noise = noise[:, : fin.tokens.shape[1]]
+    return Sampled(fin.tokens, fin.lengths, noise)
+
+
 def _test_mode(model) -> str:
     return getattr(model, "test_mode", None) or "expectation"

@@ -74,8 +74,17 @@ def _non_finite(cfg: C.Config, state: TrainState, what: str) -> None:
                     "far)", state.step, state.epoch + 1, what, state.skipped_steps)
 
 
-def _epoch_batches(n: int, cfg: C.Config, state: TrainState, dist: D.Dist) -> list[list[int]]:
-    order = epoch_order(n, cfg.train.seed, state.epoch)
+def _epoch_batches(dataset: CaptionDataset, cfg: C.Config, state: TrainState, dist: D.Dist,
+                   per_image: bool = False) -> list[list[int]]:
+    """The epoch's batches of dataset indices; ``per_image``: one item (the image's first
+    caption) per training image, in an order that is again a pure function of (seed, epoch)."""
+    items = range(len(dataset))
+    if per_image:
+        first: dict[int, int] = {}
+        for idx, (img, _) in enumerate(dataset.items):
+            first.setdefault(img, idx)
+        items = list(first.values())
+    order = [items[j] for j in epoch_order(len(items), cfg.train.seed, state.epoch)]
     bs = cfg.train.batch_size
     batches = [order[i: i + bs] for i in range(0, len(order), bs)]
     if dist.enabled:  # a global batch smaller than the job would leave a rank without work
@@ -132,7 +141,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     ``objective``: the run's (bound to its data); by default the one the model calls for."""
     model.train()
     core = D.unwrap(model)
-    batches = _epoch_batches(len(dataset), cfg, state, dist)
+    batches = _epoch_batches(dataset, cfg, state, dist,
+                             per_image=getattr(objective, "per_image", False))
     bar = progress_bar(total=len(batches), initial=state.batch_in_epoch,
                        desc=f"epoch {state.epoch + 1}", unit="batch", disable=not progress,
                        leave=False)

@@ -115,15 +115,28 @@ def resume_checkpoint(cfg: C.Config, out: Path, resume: bool, main: bool
     return C.replace(saved, train={"epochs": cfg.train.epochs}), ckpt
 
 
-def _warm_start(model: Captioner, path: str, vocab: Vocab) -> None:
-    """Initialise a hard-attention model from a soft checkpoint (``hard.warm_start``)."""
-    warm = load_checkpoint(path)
+def _warm_start(model: Captioner, path: str, vocab: Vocab, key: str,
+                cfg: C.Config | None = None) -> None:
+    """Initialise ``model`` from the weights of checkpoint ``path`` (config key ``key``): the
+    vocabulary must be this data's and, with ``cfg``, the images must be seen the same way
+    (backbone, grid, image size, resize, coordinates), or the weights would mean other things."""
+    try:
+        warm = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise TrainingError(f"{key}: {exc}") from None
     if Vocab.from_dict(warm["vocab"]) != vocab:
-        raise TrainingError(f"hard.warm_start {path}: vocabulary differs from this data's")
+        raise TrainingError(f"{key} {path}: vocabulary differs from this data's")
+    if cfg is not None:
+        saved = C.from_dict(C.Config, warm["config"]).encoder
+        for f in ("backbone", "grid", "image_size", "resize", "coords"):
+            if getattr(saved, f) != getattr(cfg.encoder, f):
+                raise TrainingError(f"{key} {path}: its images are preprocessed differently "
+                                    f"(encoder.{f} = {getattr(saved, f)!r}, this run has "
+                                    f"{getattr(cfg.encoder, f)!r})")
     try:
         model.load_state_dict(warm["model"])
     except RuntimeError as exc:
-        raise TrainingError(f"hard.warm_start: incompatible model "
+        raise TrainingError(f"{key}: incompatible model "
                             f"({str(exc).splitlines()[0]})") from None
 
 
@@ -133,7 +146,9 @@ def build_model(cfg: C.Config, vocab: Vocab, device: torch.device, splits: Split
     cache, takes the encoder that computed the cache."""
     model = Captioner.from_config(cfg, len(vocab)).to(device)
     if model.stochastic and cfg.hard.warm_start and fresh:
-        _warm_start(model, cfg.hard.warm_start, vocab)
+        _warm_start(model, cfg.hard.warm_start, vocab, "hard.warm_start")
+    if cfg.train.init and fresh:
+        _warm_start(model, cfg.train.init, vocab, "train.init", cfg)
     if splits.prepared is not None and fresh and use_features(cfg, model, splits.prepared):
         # train on the cache's features with the encoder that computed them, so the checkpoint
         # captions raw images with the same annotations the decoder learnt from

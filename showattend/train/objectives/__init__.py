@@ -15,14 +15,17 @@ from showattend.models.captioner import Captioner
 from showattend.train.objectives.base import Objective, StepLoss, TrainingData, global_mean
 from showattend.train.objectives.box_supervision import BoxSupervision
 from showattend.train.objectives.hard import HardAttention, score_function_grad_variance
+from showattend.train.objectives.scst import SelfCritical
 from showattend.train.objectives.xent import CrossEntropy
 from showattend.train.state import TrainState
 
 __all__ = ["Objective", "StepLoss", "TrainingData", "OBJECTIVES", "objective_for", "train_step", "global_mean",
-           "CrossEntropy", "HardAttention", "BoxSupervision", "score_function_grad_variance"]
+           "CrossEntropy", "HardAttention", "BoxSupervision", "SelfCritical",
+           "score_function_grad_variance"]
 
 #: the objectives, in the order :func:`objective_for` tries them
-OBJECTIVES: tuple[type[Objective], ...] = (BoxSupervision, CrossEntropy, HardAttention)
+OBJECTIVES: tuple[type[Objective], ...] = (SelfCritical, BoxSupervision, CrossEntropy,
+                                            HardAttention)
 
 
 def objective_for(cfg: C.Config, model: Captioner, dist: D.Dist = D.SINGLE) -> Objective:

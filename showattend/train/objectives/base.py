@@ -46,6 +46,9 @@ class Objective:
     name: ClassVar[str] = ""
     #: keys of the records this objective logs that ``curves.png`` should draw
     curve_keys: ClassVar[tuple[str, ...]] = ()
+    #: True: an epoch visits each training image once (one of its captions stands for it)
+    #: instead of each caption
+    per_image: ClassVar[bool] = False
 
     def __init__(self, cfg: C.Config, dist: D.Dist = D.SINGLE):
         self.cfg = cfg
