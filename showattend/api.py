@@ -171,7 +171,7 @@ class CaptionerAPI:
             dec = decode(self.model, feats, beam=beam, max_len=max_len,
                          length_norm=self.config.eval.length_norm, mode=mode,
                          no_repeat_ngram=self.config.eval.no_repeat_ngram,
-                         keep_beams=alternatives)
+                         keep_beams=alternatives, allow_unk=self.config.eval.allow_unk)
         k = dec.tokens.shape[0] // len(chunk)  # rows per image: K with alternatives, else 1
         res = []
         for j, src in enumerate(chunk):

@@ -154,7 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   progress=not args.quiet, mode=args.mode,
                                   length_norm=args.length_norm,
                                   no_repeat_ngram=args.no_repeat_ngram, int8=args.int8,
-                                  entities=args.entities)
+                                  entities=args.entities,
+                                  allow_unk=True if args.allow_unk else None)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     if "correctness" in metrics:
         print(f"photo grounding ({args.split}): {grounding_line(metrics)}", file=sys.stderr)
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never repeat an n-gram in a caption, 0 = off (default: eval.no_repeat_ngram)")
     e.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
                    help="hard attention test-time mode")
+    e.add_argument("--allow-unk", action="store_true",
+                   help="let decoding generate <unk> (eval.allow_unk; off by default)")
     e.add_argument("--results", help="COCO-format results json [{image_id, caption}]")
     e.add_argument("--annotations", help="COCO captions json with the references")
     e.add_argument("--out", help="where to write metrics/results (default: next to checkpoint)")

@@ -167,6 +167,7 @@ class EvalConfig:
     max_len: int = 20
     length_norm: float = 0.0  # score / length**length_norm when ranking finished beams
     no_repeat_ngram: int = 0  # > 1: never repeat an n-gram within a caption (0 = off)
+    allow_unk: bool = False  # False: the unknown word <unk> is never generated
     meteor: bool = True
     batch_size: int = 100
 

@@ -17,7 +17,7 @@ import torch
 
 from showattend.models.decoder import State
 from showattend.models.packed import decoding
-from showattend.vocab import END_ID, PAD_ID, START_ID
+from showattend.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
 
 class Decoded(NamedTuple):
@@ -34,9 +34,11 @@ class Decoded(NamedTuple):
     aux: dict[str, torch.Tensor] | None = None
 
 
-def _mask_logp(logp: torch.Tensor, t: int, max_len: int) -> torch.Tensor:
+def _mask_logp(logp: torch.Tensor, t: int, max_len: int, allow_unk: bool = True) -> torch.Tensor:
     logp[:, PAD_ID] = float("-inf")
     logp[:, START_ID] = float("-inf")
+    if not allow_unk:  # "a boy plays with a <unk>" is no caption: the next best word instead
+        logp[:, UNK_ID] = float("-inf")
     if t == max_len:  # forced end: the caption is complete after max_len words
         end = logp[:, END_ID].clone()
         logp.fill_(float("-inf"))
@@ -101,8 +103,9 @@ def _packed_weights(fn: Callable[..., Decoded]) -> Callable[..., Decoded]:
 @torch.no_grad()
 @_packed_weights
 def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = None,
-           no_repeat_ngram: int = 0) -> Decoded:
-    """Greedy decoding from annotations feats (B, L, D)."""
+           no_repeat_ngram: int = 0, allow_unk: bool = False) -> Decoded:
+    """Greedy decoding from annotations feats (B, L, D); <unk> is never chosen unless
+    ``allow_unk``."""
     mode = mode or _test_mode(model)
     b = feats.shape[0]
     mem = model.memory(feats)
@@ -117,7 +120,7 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
         logp = torch.log_softmax(out.logits.float(), -1)  # (B, V)
         if no_repeat_ngram:
             logp = _block_repeats(logp, hist, no_repeat_ngram)
-        logp = _mask_logp(logp, t, max_len)
+        logp = _mask_logp(logp, t, max_len, allow_unk)
         best, tok = logp.max(-1)  # (B,)
         tok = torch.where(done, torch.full_like(tok, END_ID), tok)
         score = score + torch.where(done, torch.zeros_like(best), best)
@@ -140,8 +143,10 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
 @_packed_weights
 def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
                 length_norm: float = 0.0, mode: str | None = None,
-                no_repeat_ngram: int = 0, keep_beams: bool = False) -> Decoded:
-    """Batched beam search; returns the best of ``beam`` finished hypotheses per image.
+                no_repeat_ngram: int = 0, keep_beams: bool = False,
+                allow_unk: bool = False) -> Decoded:
+    """Batched beam search; returns the best of ``beam`` finished hypotheses per image (never
+    extending a hypothesis by <unk> unless ``allow_unk``).
 
     Ranking of finished hypotheses uses score / (words + 1) ** length_norm (0 = raw log-prob).
     ``keep_beams``: return all K finished hypotheses instead, as B·K rows (image-major, each
@@ -189,7 +194,7 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
         logp = torch.log_softmax(out.logits.float(), -1)  # (n·K, V)
         if no_repeat_ngram:
             logp = _block_repeats(logp, hist, no_repeat_ngram)
-        logp = _mask_logp(logp, t, max_len)
+        logp = _mask_logp(logp, t, max_len, allow_unk)
         v = logp.shape[1]
         if ended is None:
             ended = torch.full_like(logp[:1], float("-inf"))
@@ -268,12 +273,14 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
 
 
 def decode(model, feats: torch.Tensor, beam: int = 1, max_len: int = 20, length_norm: float = 0.0,
-           mode: str | None = None, no_repeat_ngram: int = 0, keep_beams: bool = False) -> Decoded:
-    """Greedy for beam 1, beam search otherwise (``keep_beams``: B·beam rows, see beam_search)."""
+           mode: str | None = None, no_repeat_ngram: int = 0, keep_beams: bool = False,
+           allow_unk: bool = False) -> Decoded:
+    """Greedy for beam 1, beam search otherwise (``keep_beams``: B·beam rows, see beam_search).
+    The unknown word is never generated unless ``allow_unk`` (``eval.allow_unk``)."""
     if beam <= 1:
-        return greedy(model, feats, max_len, mode, no_repeat_ngram)
+        return greedy(model, feats, max_len, mode, no_repeat_ngram, allow_unk)
     return beam_search(model, feats, beam, max_len, length_norm, mode, no_repeat_ngram,
-                       keep_beams=keep_beams)
+                       keep_beams=keep_beams, allow_unk=allow_unk)
 
 
 class Sampled(NamedTuple):

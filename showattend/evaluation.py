@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: torch.device,
                    beam: int = 1, max_len: int = 20, length_norm: float = 0.0, batch_size: int = 100,
                    mode: str | None = None, progress: bool = True,
-                   precision: str = "fp32", no_repeat_ngram: int = 0) -> list[dict[str, Any]]:
+                   precision: str = "fp32", no_repeat_ngram: int = 0,
+                   allow_unk: bool = False) -> list[dict[str, Any]]:
     """Caption every good image of ``source``: one dict per image (words, attention, β, …).
     ``precision`` "bf16" decodes under bf16 autocast on CUDA."""
     model.eval()
@@ -59,7 +60,7 @@ def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: 
             # a prepared feature cache holds the annotations already
             feats = imgs if getattr(source, "features", False) else model.encode(imgs)  # (B, L, D)
             dec = decode(model, feats, beam=beam, max_len=max_len, length_norm=length_norm,
-                         mode=mode, no_repeat_ngram=no_repeat_ngram)
+                         mode=mode, no_repeat_ngram=no_repeat_ngram, allow_unk=allow_unk)
         for j, i in enumerate(idxs):
             n = int(dec.lengths[j])
             words = vocab.decode(dec.tokens[j, :n].tolist())
@@ -135,10 +136,10 @@ def grounding_line(metrics: dict[str, float]) -> str:
 
 
 def _decoding_config(cfg: C.Config, length_norm: float | None,
-                     no_repeat_ngram: int | None) -> C.Config:
+                     no_repeat_ngram: int | None, allow_unk: bool | None = None) -> C.Config:
     """The config with this call's decoding choices (None keeps the checkpoint's)."""
-    ev = {k: v for k, v in (("length_norm", length_norm), ("no_repeat_ngram", no_repeat_ngram))
-          if v is not None}
+    ev = {k: v for k, v in (("length_norm", length_norm), ("no_repeat_ngram", no_repeat_ngram),
+                            ("allow_unk", allow_unk)) if v is not None}
     if not ev:
         return cfg
     cfg = C.replace(cfg, eval=ev)
@@ -152,7 +153,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
                         progress: bool = True, mode: str | None = None,
                         summary: bool = False, length_norm: float | None = None,
                         no_repeat_ngram: int | None = None, int8: bool = False,
-                        entities: str | Path | None = None) -> dict[str, float]:
+                        entities: str | Path | None = None,
+                        allow_unk: bool | None = None) -> dict[str, float]:
     """Decode ``split`` with a checkpoint; write metrics_<split>_beam<N>.json and COCO-format
     results_<split>_beam<N>.json next to the checkpoint (or in ``out_dir``); return the metrics.
     ``summary`` also writes metrics.json (the run's headline figures, written by training).
@@ -170,11 +172,12 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
     src = make_source(cfg, splits, records, preprocess, model, False, split, progress, "skip")
     beam = beam or cfg.eval.beam
     t0 = time.time()
-    cfg = _decoding_config(cfg, length_norm, no_repeat_ngram)
+    cfg = _decoding_config(cfg, length_norm, no_repeat_ngram, allow_unk)
     results = decode_records(model, src, vocab, dev, beam=beam, max_len=cfg.eval.max_len,
                              length_norm=cfg.eval.length_norm, batch_size=cfg.eval.batch_size,
                              progress=progress, precision=cfg.train.precision,
-                             no_repeat_ngram=cfg.eval.no_repeat_ngram)
+                             no_repeat_ngram=cfg.eval.no_repeat_ngram,
+                             allow_unk=cfg.eval.allow_unk)
     dt = time.time() - t0
     entities = entities or cfg.data.entities
     photos = PhotoBoxes.load(entities, records, preprocess) if entities else None
@@ -182,6 +185,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
                             meteor=cfg.eval.meteor if meteor is None else meteor, photos=photos)
     metrics.update(beam=float(beam), length_norm=float(cfg.eval.length_norm), int8=float(int8),
                    no_repeat_ngram=float(cfg.eval.no_repeat_ngram),
+                   allow_unk=float(cfg.eval.allow_unk),
+                   unk_captions=float(sum("<unk>" in r["words"] for r in results)),
                    decode_images_per_s=len(results) / max(dt, 1e-9),
                    skipped_images=float(len(src.bad)))
     out = Path(out_dir) if out_dir else Path(ckpt["path"]).parent

@@ -15,6 +15,10 @@ the words' and the locations' log-probabilities, so the two score-function terms
 reward and one baseline (the caption's CIDEr-D, not the per-word log-likelihood reward of
 ``hard.py``).
 
+With ``supervision.weight`` > 0 the box term of :mod:`box_supervision` is kept: the replayed
+maps of the sampled words that name a boxed thing of the photo are pulled to its boxes, so
+fine-tuning for CIDEr-D does not undo what the boxes taught the attention.
+
 Samples are drawn without gradient (the fast step-by-step decoder) and then replayed with
 teacher forcing (one batched pass, the locations fixed by the same uniform draws), dropout off
 in both, so the replay's log-probabilities are exactly those of the distribution sampled from.
@@ -31,9 +35,10 @@ import torch
 from showattend import distributed as D
 from showattend.cider import CiderD
 from showattend.decoding import greedy, sample
-from showattend.losses import token_nll
+from showattend.losses import box_attention_loss, token_nll
 from showattend.models.captioner import Captioner
 from showattend.train.objectives.base import Objective, StepLoss, TrainingData, global_mean
+from showattend.train.objectives.box_supervision import BoxSupervision
 from showattend.train.state import TrainState
 from showattend.vocab import PAD_ID, START_ID, Vocab, tokenize
 
@@ -69,7 +74,8 @@ class SelfCritical(Objective):
 
     name = "scst"
     per_image = True  # an epoch visits every training image once (its K samples are the batch)
-    curve_keys = ("loss", "reward", "baseline", "adv_std", "greedy_cider", "entropy", "length")
+    curve_keys = ("loss", "reward", "baseline", "adv_std", "greedy_cider", "entropy", "length",
+                  "box")
 
     def applies_to(self, model: Captioner) -> bool:
         return self.cfg.train.objective == "scst"
@@ -79,6 +85,10 @@ class SelfCritical(Objective):
         self.refs = {r.image_id: [" ".join(tokenize(c)) for c in r.captions]
                      for r in data.records if r.captions}
         self.cider = CiderD(self.refs)  # document frequencies of the training references, once
+        self.boxes: BoxSupervision | None = None
+        if self.cfg.supervision.weight > 0:
+            self.boxes = BoxSupervision(self.cfg, self.dist)
+            self.boxes.bind(data)
 
     def words(self, tokens: torch.Tensor) -> list[str]:
         """(N, T) sampled ids → space-joined words (up to <end>)."""
@@ -115,7 +125,15 @@ class SelfCritical(Objective):
         seq_logp = (tok_logp * mask).sum(1)  # (B·K,)
         adv = reward - base
         loss = self.token_weight(len(adv)) * scst_loss(seq_logp, adv)
-        rec = {"loss": global_mean(loss, self.dist),
+        rec = {}
+        if self.boxes is not None:
+            cover, bmask = self.boxes.batch_targets(caps_s, image_ids.repeat_interleave(k),
+                                                    out.alphas.shape[-1])
+            cover, bmask = cover.to(out.alphas.device), bmask.to(out.alphas.device)
+            box = box_attention_loss(out.alphas.float(), cover, bmask, self.cfg.supervision.loss)
+            loss = loss + self.cfg.supervision.weight * self.token_weight(int(bmask.sum())) * box
+            rec.update(box=float(box.detach()), box_words=float(bmask.sum()))
+        rec |= {"loss": global_mean(loss, self.dist),
                "reward": _mean(reward, self.dist), "baseline": _mean(base, self.dist),
                "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
                "length": _mean(drawn.lengths.float(), self.dist)}
