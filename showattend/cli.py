@@ -123,6 +123,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.model and args.checkpoint:
+        raise UserError("give --checkpoint or --model, not both")
+    model = args.checkpoint or args.model
+    if args.images:
+        if not args.annotations:
+            raise UserError("--images goes with --annotations (a COCO-format captions json)")
+        from showattend.evaluation import evaluate_folder
+
+        try:
+            metrics, skipped = evaluate_folder(_default_model(model), args.images,
+                                               args.annotations, beam=args.beam,
+                                               device=args.device, meteor=not args.no_meteor,
+                                               out_dir=args.out)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        for line in skipped:
+            print(f"showattend: skipped: {line}", file=sys.stderr)
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        return 0
+    if args.model:
+        args.checkpoint = args.model
+        args.out = args.out or "."
     if args.results or args.annotations:
         if not (args.results and args.annotations):
             raise UserError("--results and --annotations go together")
@@ -176,7 +198,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.entities and overlay_dir is None:
         raise UserError("--entities draws reference boxes on the overlays: give --overlay-dir")
     photos = _entities_for(args.entities, args.images)
-    cap = showattend.load(args.checkpoint, device=args.device, int8=args.int8)
+    cap = showattend.load(_default_model(args.checkpoint), device=args.device, int8=args.int8)
     failed = done = 0
     records = []
     used_names: set[str] = set()
@@ -222,12 +244,25 @@ def _entities_for(entities: str | None, images: list[str]) -> dict:
     return photos
 
 
-def _load_models(checkpoints: list[str], device: str) -> tuple[dict, dict[str, str]]:
-    """{name: loaded model} and {name: checkpoint} for repeated --checkpoint [NAME=]PATH."""
+def _default_model(checkpoint: str | None) -> str:
+    """``--checkpoint`` or, without one, the shipped photo model (said on stderr)."""
+    if checkpoint:
+        return checkpoint
+    from showattend.registry import DEFAULT_MODEL, get
+
+    info = get(DEFAULT_MODEL)
+    print(f"showattend: no --checkpoint: using the shipped model {info.name!r} "
+          f"({info.description})", file=sys.stderr)
+    return info.name
+
+
+def _load_models(checkpoints: list[str] | None, device: str) -> tuple[dict, dict[str, str]]:
+    """{name: loaded model} and {name: checkpoint} for repeated --checkpoint [NAME=]PATH (the
+    shipped model when there is none)."""
     import showattend
     from showattend.report import name_models
 
-    paths = name_models(checkpoints)
+    paths = name_models(checkpoints or [_default_model(None)])
     return {n: showattend.load(p, device=device) for n, p in paths.items()}, paths
 
 
@@ -348,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score a checkpoint on a split, or a COCO results file")
     e.add_argument("--checkpoint", help="checkpoint file or run directory")
+    e.add_argument("--model", help="a shipped model by name (showattend.available_models())")
+    e.add_argument("--images", help="image folder of --annotations: caption and score every "
+                   "annotated image found there (missing ones are reported and skipped)")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--beam", type=int, default=None, help="beam size (default: from the config)")
     e.add_argument("--length-norm", type=float, default=None,
@@ -370,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("caption", help="caption images or folders of images")
     c.add_argument("images", nargs="+", help="image files or folders")
-    c.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    c.add_argument("--checkpoint", help="checkpoint file, run directory or shipped model name "
+                   "(default: the shipped photo model, flickr8k)")
     c.add_argument("--beam", type=int, default=None)
     c.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
                    help="hard attention test-time mode")
@@ -391,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="interactive HTML report of the attention of one or more "
                        "models on images (self-contained, opens from disk)")
     i.add_argument("images", nargs="+", help="image files or folders")
-    i.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
-                   help="checkpoint or run directory; repeat to compare models side by side")
+    i.add_argument("--checkpoint", action="append", metavar="[NAME=]PATH",
+                   help="checkpoint, run directory or shipped model name; repeat to compare "
+                   "models side by side (default: the shipped photo model)")
     i.add_argument("--out", default="report.html", help="the HTML file to write")
     i.add_argument("--references", help="reference captions: COCO captions json, Karpathy "
                    "split file, Flickr token file or {image name: [captions]}")
@@ -411,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     sv = sub.add_parser("serve", help="local web page: drop a photo, inspect its attention")
-    sv.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
-                   help="checkpoint or run directory; repeat for several models")
+    sv.add_argument("--checkpoint", action="append", metavar="[NAME=]PATH",
+                    help="checkpoint, run directory or shipped model name; repeat for several "
+                    "models (default: the shipped photo model)")
     sv.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (0: any free one)")

