@@ -198,6 +198,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.entities and overlay_dir is None:
         raise UserError("--entities draws reference boxes on the overlays: give --overlay-dir")
     photos = _entities_for(args.entities, args.images)
+    if not args.verbose:  # a readable file's decoder chatter (bad TIFF tags, EXIF) is no news
+        logging.getLogger("showattend.data.images").setLevel(logging.ERROR)
     cap = showattend.load(_default_model(args.checkpoint), device=args.device, int8=args.int8)
     failed = done = 0
     records = []

@@ -445,7 +445,8 @@ def diagnostics(
     """Collapse and attention-sharpness indicators for a set of generated captions.
 
     "distinct_captions": share of distinct captions; "repetition_rate": share of captions in which
-    a word bigram occurs twice; "vocab_used": number of distinct words;
+    a word bigram occurs twice; "vocab_used": number of distinct words; "mean_length": words per
+    caption;
     "attention_entropy": mean entropy (nats) of the per-word maps; "attention_entropy_max": the
     entropy of a uniform map, log(h*w); "attention_change": mean total-variation distance (0..1)
     between the maps of consecutive words of a caption.
@@ -482,6 +483,7 @@ def diagnostics(
         "distinct_captions": distinct,
         "repetition_rate": repeated / len(captions) if captions else 0.0,
         "vocab_used": len(vocab),
+        "mean_length": float(np.mean([len(c.split()) for c in captions])) if captions else 0.0,
         "attention_entropy": mean(entropies),
         "attention_entropy_max": float(np.mean(max_entropies)) if max_entropies else 0.0,
         "attention_change": mean(changes),

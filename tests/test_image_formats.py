@@ -318,3 +318,35 @@ def test_zlib_is_used_by_the_fixture() -> None:
     layer = Layer(_rgba(16, 16, RED), compression=2)
     data = psd_bytes(np.zeros((16, 16, 3), np.uint8), [layer], real_merged=False)
     assert zlib.compress(np.full((16, 16), 255, np.uint8).tobytes()) in data
+
+
+def test_c_level_decoder_output_is_captured_per_file(tmp_path: Path, trained) -> None:
+    """What a C decoder writes straight to fd 2 (libtiff's tag warnings) becomes part of the
+    file's one log line, not raw lines on stderr; `caption` on a folder shows none of it."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "noisy.png"
+    Image.fromarray(_blocks(16)).save(path)
+    code = ("import os, sys\nimport showattend.data.images as I\nreal = I._decode\n"
+            "def noisy(p, limit):\n"
+            "    for i in range(50): os.write(2, b'TIFFReadDirectory: Warning, Unknown field\\n')\n"
+            "    return real(p, limit)\n"
+            "I._decode = noisy\n"
+            "if sys.argv[3] == 'api':\n"
+            "    for _ in range(2): I.load_image(sys.argv[1])\n"
+            "    sys.exit(0)\n"
+            "from showattend.cli import main\n"
+            "sys.exit(main(['-q', 'caption', sys.argv[1], sys.argv[1], '--workers', '0',\n"
+            "               '--checkpoint', sys.argv[2]]))\n")
+    ck = str(trained[1])
+    api = subprocess.run([sys.executable, "-c", code, str(path), ck, "api"],
+                         capture_output=True, text=True, timeout=120)
+    lines = api.stderr.splitlines()
+    # two load_image calls: one line each, naming the file (the API's logging, as before)
+    assert sum(str(path) in ln and "Unknown field" in ln for ln in lines) == 2, lines
+    assert not any(ln.startswith("TIFFReadDirectory") for ln in lines), lines
+    cli = subprocess.run([sys.executable, "-c", code, str(path), ck, "cli"],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and cli.stderr == "", cli.stderr  # a readable file: silence
+    assert cli.stdout.count(str(path)) == 2

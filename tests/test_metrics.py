@@ -390,6 +390,8 @@ def test_diagnostics_one_hot_maps() -> None:
     got = diagnostics(["a b c", "a b d"], [moving, moving])
     assert got["distinct_captions"] == 1.0
     assert got["vocab_used"] == 4
+    assert got["mean_length"] == 3.0
+    assert diagnostics(["a b", "a b c d", ""], [moving] * 3)["mean_length"] == 2.0
     assert got["attention_entropy"] == pytest.approx(0.0, abs=1e-12)
     assert got["attention_change"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="2 captions but 1"):

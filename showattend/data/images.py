@@ -7,9 +7,12 @@ pixels the model sees (:meth:`Preprocessor.geometry`) and to the normalised tens
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,14 +144,16 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
         raise _error(p, exc.strerror or exc) from exc
 
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    c_lines: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # record every one; we report them once, below
         # We raise our own error for oversized images; PIL's warning would only add noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            return _decode(p, limit)
+            with _c_stderr(c_lines):  # libtiff & co. write their warnings to fd 2 directly
+                return _decode(p, limit)
         finally:
-            _report_warnings(p, caught)
+            _report_warnings(p, [str(w.message) for w in caught] + c_lines)
 
 
 def _decode(p: Path, limit: int | None) -> Image.Image:
@@ -186,9 +191,32 @@ def _decode(p: Path, limit: int | None) -> Image.Image:
         raise _error(p, reason) from exc
 
 
-def _report_warnings(path: Path, caught: list[warnings.WarningMessage]) -> None:
+@contextlib.contextmanager
+def _c_stderr(sink: list[str]):
+    """Collect what C code writes to file descriptor 2 meanwhile (libtiff's "unknown field
+    with tag" warnings bypass Python) into ``sink``, one entry per non-empty line. Process-wide,
+    like ``warnings.catch_warnings``: one decoding thread per process."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no fd 2 (daemons, some embedders)
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read(1 << 16).decode("utf-8", "replace")
+            sink.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _report_warnings(path: Path, caught: list[str]) -> None:
     """One log line for all the warnings decoding ``path`` raised (none when there were none)."""
-    messages = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
+    messages = list(dict.fromkeys(" ".join(m.split()) for m in caught))
     if not messages:
         return
     first = messages[0] if len(messages[0]) <= 160 else messages[0][:157] + "..."
