@@ -134,8 +134,11 @@ def test_input_overrides_validate_sources():
         input_overrides(images="im", flickr_captions="t.txt")
     with pytest.raises(PreparedDataError, match="one source"):
         input_overrides(images="im", split_file="k.json", annotations=["a", "b"])
+    # one file: an evaluation-only set, prepared as the test split
+    assert input_overrides(images="im", annotations=["a"]) == [
+        'data.root="im"', "data.kind=coco", 'data.test_annotations="a"']
     with pytest.raises(PreparedDataError, match="train and val"):
-        input_overrides(images="im", annotations=["a"])
+        input_overrides(images="im", annotations=["a", "b", "c", "d"])
     with pytest.raises(PreparedDataError, match="need --images"):
         input_overrides(split_file="k.json")
 
@@ -266,6 +269,31 @@ def test_coco_fixture_prepare_train_evaluate_from_explicit_inputs(tmp_path, caps
                  f"--out_dir={run}"]) == 0
     results = json.loads((run / "results_test_beam2.json").read_text())
     assert sorted(r["image_id"] for r in results) == [509, 510, 511]
+
+    # one captions file (an evaluation-only set): prepared as the test split
+    single = tmp_path / "prep_test"
+    assert main(["-q", "prepare", "--config", str(cfg_path), "--images", str(fx["images"]),
+                 "--annotations", str(fx["test"]), "--out", str(single), "--no-features"]) == 0
+    assert "train 0 images / 0 captions" in capsys.readouterr().out
+    m = json.loads((single / "manifest.json").read_text())
+    assert m["counts"]["test"]["images"] == 3 and m["counts"]["train"]["images"] == 0
+    # and a model scores the same captions file straight from the image folder
+    code = main(["-q", "evaluate", "--checkpoint", str(run / "best.pt"), "--images",
+                 str(fx["images"]), "--annotations", str(fx["test"]), "--no-meteor"])
+    assert code == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out.strip().splitlines()[-1])["images"] == 3.0
+    # an annotated image that is not in the folder is reported and skipped
+    data = json.loads(Path(fx["test"]).read_text())
+    data["images"].append({"id": 999, "file_name": "gone.jpg", "width": 8, "height": 8})
+    data["annotations"].append({"id": 9999, "image_id": 999, "caption": "a red square"})
+    extra = tmp_path / "with_missing.json"
+    extra.write_text(json.dumps(data))
+    assert main(["-q", "evaluate", "--checkpoint", str(run / "best.pt"), "--images",
+                 str(fx["images"]), "--annotations", str(extra), "--no-meteor"]) == 0
+    got = capsys.readouterr()
+    assert "skipped: " in got.err and "gone.jpg: not found (image_id 999)" in got.err
+    assert json.loads(got.out.strip().splitlines()[-1])["skipped_images"] == 1.0
 
 
 # ---------------------------------------------------------------------------------- resuming

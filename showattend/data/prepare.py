@@ -305,9 +305,11 @@ def prepare(cfg: Any, workers: int | None = None, features: bool = True, overwri
         s, r = rows[i]
         records[s].append({"row": i, "image_id": r.image_id, "file": str(Path(r.path).resolve()),
                            "captions": list(r.captions)})
-    if not records["train"]:
+    eval_only = not any(rows[i][0] in ("train", "val") for i in range(n))  # one captions file
+    if not records["train"] and not (eval_only and records["test"]):
         raise PreparedDataError(f"no training image could be used ({_skip_text(failures)}): "
                                 f"check data.root / --images")
+    # an evaluation-only folder's vocabulary is empty: a model brings its own
     vocab = Vocab.build((c for e in records["train"] for c in e["captions"]), d.min_word_freq)
     skipped = _skip_summary(failures)
     timing = {"seconds": round(time.time() - t_start, 2)}
@@ -592,12 +594,13 @@ def input_overrides(images: str | None = None, split_file: str | None = None,
     if split_file:
         over += ["data.kind=karpathy", f"data.split_file={q(split_file)}"]
     if annotations:
-        if not 2 <= len(annotations) <= 3:
+        if not 1 <= len(annotations) <= 3:
             raise PreparedDataError("--annotations takes the train and val captions files (and "
-                                    "optionally a test one)")
+                                    "optionally a test one), or one file: an evaluation-only "
+                                    "set, prepared as the test split")
         over.append("data.kind=coco")
-        over += [f"data.{k}_annotations={q(f)}" for k, f in zip(("train", "val", "test"),
-                                                               annotations)]
+        names = ("test",) if len(annotations) == 1 else ("train", "val", "test")
+        over += [f"data.{k}_annotations={q(f)}" for k, f in zip(names, annotations)]
     if flickr_captions:
         over += ["data.kind=flickr", f"data.flickr_captions={q(flickr_captions)}",
                  f"data.flickr_splits={q(flickr_splits)}"]

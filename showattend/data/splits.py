@@ -62,6 +62,11 @@ def load_splits(cfg, progress: bool = True, source: bool = False) -> Splits:
         recs = {s: coco.read_coco_captions(root / f"captions_{s}.json", root, s)
                 for s in ("train", "val", "test")}
         objects = {s: coco.read_objects(root / f"objects_{s}.json") for s in ("train", "val", "test")}
+    elif d.kind == "coco" and d.test_annotations and not (d.train_annotations or
+                                                         d.val_annotations):
+        # one captions file: an evaluation-only set (COCO val2017, a user's own captions)
+        recs = {"train": [], "val": [],
+                "test": coco.read_coco_captions(d.test_annotations, d.root, "test")}
     elif d.kind == "coco":
         if not d.train_annotations or not d.val_annotations:
             raise coco.DataFormatError("data.kind = 'coco' needs data.train_annotations and "
@@ -96,7 +101,9 @@ def load_splits(cfg, progress: bool = True, source: bool = False) -> Splits:
             log.warning("%s", note)
     if d.max_images > 0:
         recs = {s: r[: d.max_images] for s, r in recs.items()}
-    for s in ("train", "val", "test"):
+    eval_only = not recs.get("train") and not recs.get("val") and d.kind == "coco" and \
+        bool(d.test_annotations) and not (d.train_annotations or d.val_annotations)
+    for s in ("test",) if eval_only else ("train", "val", "test"):
         if not recs.get(s):
             where = f" of {prepared.path}" if prepared is not None else ""
             raise coco.DataFormatError(f"split '{s}'{where} has no images")
