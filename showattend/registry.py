@@ -61,8 +61,11 @@ def available_models() -> list[str]:
 
 
 def is_model_name(s: str | Path) -> bool:
-    """A registry name (and not a file or folder that exists under that name)."""
-    return isinstance(s, str) and s in MODELS and not Path(s).exists()
+    """Meant as a registry name: a known name, or a bare word (no folder, no file suffix) that is
+    no existing path — an unknown one then fails listing the known names."""
+    if not isinstance(s, str) or Path(s).exists():
+        return False
+    return s in MODELS or (s.isidentifier() and "/" not in s and "." not in s)
 
 
 def get(name: str) -> ModelInfo:
@@ -114,6 +117,12 @@ def export_model(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
         raise ModelError("only models on a frozen ImageNet backbone can be shipped without "
                          "their encoder")
     frozen = set(_frozen_encoder_keys(cfg, ck["model"]))
+    # data paths as the config in the repository gives them (training made them absolute)
+    cwd = str(Path.cwd()) + "/"
+    data = {k: v.replace(cwd, "", 1) if isinstance(v, str) and v.startswith(cwd) else v
+            for k, v in ck["config"]["data"].items()}
+    ck["config"] = {**ck["config"], "data": data, "train": {**ck["config"]["train"],
+                                                            "init": ""}}
     weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["model"].items()
                if k not in frozen}
     # a checkpoint like any other (loaded with weights_only=True), whose "model" lacks the

@@ -42,12 +42,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _train(cfg: Path, out: Path, procs: int, epochs: int, resume: bool = False) -> None:
+def _train(cfg: Path, out: Path, procs: int, epochs: int, resume: bool = False,
+           extra: tuple[str, ...] = ()) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable])
     cmd = launcher + ["-m", "showattend", "-q", "train", "--config", str(cfg),
                       f"--out_dir={out}", f"--train.epochs={epochs}", "--train.batch_size=8",
                       "--train.threads=1", "--train.device=cpu"]
+    cmd += list(extra)
     if resume:
         cmd.append("--resume")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
@@ -95,3 +97,20 @@ def test_two_process_run_resumes_exactly(prepared):
     assert [s for s, _ in a] == [s for s, _ in b]
     for (step, x), (_, y) in zip(a, b):
         assert abs(x - y) < 1e-6, (step, x, y)
+
+
+def test_self_critical_training_runs_under_torchrun(prepared):
+    """SCST under 2 processes: each rank samples and scores its own photos (the baseline is
+    per photo, no cross-rank reduction), DDP averages the gradients; rank 0 logs the rewards."""
+    tmp, cfg = prepared
+    xe = tmp / "xe_for_scst"
+    _train(cfg, xe, 1, epochs=1)
+    sc = tmp / "scst_two"
+    _train(cfg, sc, 2, epochs=1, extra=("--train.objective=scst",
+                                        f"--train.init={json.dumps(str(xe / 'best.pt'))}",
+                                        "--train.val_metric=CIDEr", "--train.log_every=1"))
+    recs = _records(sc)
+    train = [r for r in recs if r["kind"] == "train"]
+    assert train and all("reward" in r and "greedy_cider" in r for r in train)
+    assert len({r["step"] for r in train}) == len(train)  # one writer
+    assert len([r for r in recs if r["kind"] == "val"]) == 1 and (sc / "best.pt").is_file()
