@@ -310,6 +310,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if report.skipped else 0
 
 
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from showattend.registry import export_model
+
+    fields = export_model(args.checkpoint, args.out, name=args.name or "")
+    print(json.dumps({"file": str(args.out), **fields}))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from showattend.serve import serve
 
@@ -451,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--title", help="the report's title")
     i.add_argument("--device", default="auto")
     i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("export-model", help="write a trained checkpoint as a shippable model "
+                       "file (float16 weights, no frozen ImageNet encoder) and print its SHA-256")
+    x.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    x.add_argument("--out", required=True, help="the model file to write")
+    x.add_argument("--name", help="the registry name it will have (sets its config's name)")
+    x.set_defaults(func=cmd_export_model)
 
     sv = sub.add_parser("serve", help="local web page: drop a photo, inspect its attention")
     sv.add_argument("--checkpoint", action="append", metavar="[NAME=]PATH",

@@ -51,7 +51,21 @@ class ModelInfo:
         return _HERE / self.file
 
 
-MODELS: dict[str, ModelInfo] = {}
+MODELS: dict[str, ModelInfo] = {m.name: m for m in (
+    ModelInfo(
+        name="flickr8k",
+        file="flickr8k.pt",
+        sha256="70336442b7a1870703cc1b64aa97c56c9c88ff77b2d4adea40412ee915d1c939",
+        size=21017444,
+        config="configs/flickr8k_soft.toml",
+        description="soft attention on EfficientNet-Lite0 7x7, trained on Flickr8k with "
+                    "attention supervision from Flickr30k Entities boxes; see MODEL_CARD.md",
+        # evaluate --model flickr8k --split test --entities … (beam 3; MODEL_CARD.md)
+        metrics={"BLEU-1": 0.6299, "BLEU-4": 0.2110, "METEOR": 0.2020, "ROUGE-L": 0.4573,
+                 "CIDEr": 0.5207, "correctness": 0.7664, "correctness_uniform": 0.3799,
+                 "correctness_centre": 0.5648, "pointing": 0.8346, "pointing_centre": 0.6495},
+    ),
+)}
 DEFAULT_MODEL = "flickr8k"
 
 
@@ -107,7 +121,7 @@ def _frozen_encoder_keys(cfg: C.Config, state: dict[str, torch.Tensor]) -> list[
             if f"encoder.{k}" in state and torch.equal(state[f"encoder.{k}"].float(), v.float())]
 
 
-def export_model(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+def export_model(checkpoint: str | Path, out: str | Path, name: str = "") -> dict[str, Any]:
     """Write the shippable file of a trained checkpoint: weights other than the frozen ImageNet
     encoder in float16, vocabulary, preprocessing, config. Returns name-free registry fields
     (sha256, size, parameters kept)."""
@@ -123,6 +137,8 @@ def export_model(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
             for k, v in ck["config"]["data"].items()}
     ck["config"] = {**ck["config"], "data": data, "train": {**ck["config"]["train"],
                                                             "init": ""}}
+    if name:  # the registry name, and where `evaluate --model` writes its figures
+        ck["config"].update(name=name, out_dir=f"runs/{name}")
     weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["model"].items()
                if k not in frozen}
     # a checkpoint like any other (loaded with weights_only=True), whose "model" lacks the
