@@ -185,9 +185,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    import showattend
-    from showattend.visualize import save_attention_figure
-
     overlay_dir = Path(args.overlay_dir) if args.overlay_dir else None
     if overlay_dir is not None and overlay_dir.exists() and not overlay_dir.is_dir():
         raise UserError(f"--overlay-dir {overlay_dir} exists and is not a directory")
@@ -198,8 +195,20 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.entities and overlay_dir is None:
         raise UserError("--entities draws reference boxes on the overlays: give --overlay-dir")
     photos = _entities_for(args.entities, args.images)
+    quiet = logging.getLogger("showattend.data.images")
+    level = quiet.level
     if not args.verbose:  # a readable file's decoder chatter (bad TIFF tags, EXIF) is no news
-        logging.getLogger("showattend.data.images").setLevel(logging.ERROR)
+        quiet.setLevel(logging.ERROR)
+    try:
+        return _caption_run(args, photos, overlay_dir)
+    finally:
+        quiet.setLevel(level)  # in-process callers (tests, notebooks) keep their logging
+
+
+def _caption_run(args: argparse.Namespace, photos: dict, overlay_dir: Path | None) -> int:
+    import showattend
+    from showattend.visualize import save_attention_figure
+
     cap = showattend.load(_default_model(args.checkpoint), device=args.device, int8=args.int8)
     failed = done = 0
     records = []
