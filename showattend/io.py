@@ -7,6 +7,7 @@ directory, fsyncs it, renames it over the target (atomic on POSIX) and fsyncs th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -87,3 +88,12 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", **kwargs)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

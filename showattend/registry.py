@@ -15,7 +15,6 @@ wheel, whose weight file is itself checked against its SHA-256 (models/backbones
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 
 from showattend import config as C
 from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from showattend.io import sha256_file
 
 __all__ = ["ModelInfo", "MODELS", "DEFAULT_MODEL", "ModelError", "available_models", "get",
            "model_file", "export_model", "is_model_name", "shipped_state"]
@@ -90,14 +90,6 @@ def get(name: str) -> ModelInfo:
                          f"{', '.join(available_models()) or 'none'}") from None
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_file(name: str) -> Path:
     """The verified file of model ``name``: present, of its size and SHA-256."""
     info = get(name)
@@ -105,7 +97,7 @@ def model_file(name: str) -> Path:
     if not p.is_file():
         raise ModelError(f"model {name!r}: its file {p} is missing (reinstall showattend)")
     size = p.stat().st_size
-    if size != info.size or sha256_of(p) != info.sha256:
+    if size != info.size or sha256_file(p) != info.sha256:
         raise ModelError(f"model {name!r}: {p} fails its SHA-256 check (size {size}, expected "
                          f"{info.size}); the file is truncated or altered — reinstall showattend")
     return p
@@ -148,7 +140,7 @@ def export_model(checkpoint: str | Path, out: str | Path, name: str = "") -> dic
                           "preprocess": ck["preprocess"], "model": weights,
                           "shipped": {"backbone": cfg.encoder.backbone, "weights": "imagenet",
                                       "encoder_keys": sorted(frozen)}})
-    return {"sha256": sha256_of(out), "size": out.stat().st_size,
+    return {"sha256": sha256_file(out), "size": out.stat().st_size,
             "parameters": int(sum(v.numel() for v in weights.values())),
             "frozen_encoder_tensors": len(frozen)}
 

@@ -20,7 +20,6 @@ Families:
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.resources
 from collections.abc import Callable
@@ -30,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from showattend.io import sha256_file
 
 
 class EncoderError(RuntimeError):
@@ -238,12 +239,9 @@ def lite_weights_path(name: str) -> Path:
 
 
 def _check_sha256(path: Path, expected: str) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise EncoderError(f"{path} is corrupt (SHA-256 {digest.hexdigest()[:8]}…, expected "
+    got = sha256_file(path)
+    if got != expected:
+        raise EncoderError(f"{path} is corrupt (SHA-256 {got[:8]}…, expected "
                            f"{expected[:8]}…): reinstall the package that ships it")
 
 
