@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from showattend import precision as P
 from showattend import runtime
 from showattend.data.folder import image_batches, iter_image_paths
 from showattend.data.images import ImageLoadError, Preprocessor
@@ -121,21 +122,25 @@ def _aux_for_caption(aux: dict[str, torch.Tensor] | None, j: int, n: int, size: 
 class CaptionerAPI:
     """A loaded model with its vocabulary and its preprocessing."""
 
-    def __init__(self, model, vocab: Vocab, preprocess: Preprocessor, config, device: torch.device):
+    def __init__(self, model, vocab: Vocab, preprocess: Preprocessor, config, device: torch.device,
+                 precision: str = "fp32"):
         self.model = model
         self.vocab = vocab
         self.preprocess = preprocess
         self.config = config
         self.device = device
+        self.precision = precision  # resolved: "fp32" | "bf16" (precision.py)
 
     @classmethod
-    def load(cls, checkpoint: str | os.PathLike, device: str = "auto", int8: bool = False
-             ) -> CaptionerAPI:
+    def load(cls, checkpoint: str | os.PathLike, device: str = "auto", int8: bool = False,
+             precision: str | None = None) -> CaptionerAPI:
         """Load a checkpoint (file, or run directory holding best.pt/last.pt); ``int8``: dynamic
-        int8 decoder for CPU serving (see :mod:`showattend.quantize`)."""
+        int8 decoder for CPU serving (see :mod:`showattend.quantize`); ``precision`` "auto" |
+        "fp32" | "bf16" (None: the checkpoint's ``eval.precision``, fp32 unless set)."""
         dev = runtime.resolve_device(device)
         model, vocab, preprocess, cfg, _ = load_model(checkpoint, dev, int8=int8)
-        return cls(model, vocab, preprocess, cfg, dev)
+        chosen = P.choose(precision or cfg.eval.precision, dev, "decoding")
+        return cls(model, vocab, preprocess, cfg, dev, chosen)
 
     @property
     def attention_kind(self) -> str:
@@ -166,7 +171,7 @@ class CaptionerAPI:
 
     def _caption_batch(self, chunk, views, batch, beam, max_len, mode,
                        alternatives: bool = False) -> list[Caption]:
-        with runtime.autocast(self.config.train.precision, self.device):  # bf16 models on CUDA
+        with runtime.autocast(self.precision, self.device):  # precision.py
             feats = self.model.encode(batch.to(self.device))  # (B, L, D)
             dec = decode(self.model, feats, beam=beam, max_len=max_len,
                          length_norm=self.config.eval.length_norm, mode=mode,
@@ -257,7 +262,8 @@ class CaptionerAPI:
                                 ref_scores=correct)
 
 
-def load(checkpoint: str | os.PathLike, device: str = "auto", int8: bool = False) -> CaptionerAPI:
+def load(checkpoint: str | os.PathLike, device: str = "auto", int8: bool = False,
+         precision: str | None = None) -> CaptionerAPI:
     """Load a checkpoint for captioning (model + vocabulary + preprocessing); ``int8``: dynamic
-    int8 decoder on the CPU."""
-    return CaptionerAPI.load(checkpoint, device, int8=int8)
+    int8 decoder on the CPU; ``precision``: "auto" | "fp32" | "bf16" (precision.py)."""
+    return CaptionerAPI.load(checkpoint, device, int8=int8, precision=precision)

@@ -94,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from showattend.train import fit
 
     overrides = list(args.overrides) + ([f"train.init={json.dumps(args.init)}"] if args.init else [])
+    overrides += [f"train.precision={args.precision}"] if args.precision else []
     cfg = load_config(args.config, overrides)
     result = fit(cfg, resume=args.resume, progress=not args.quiet)
     if result.interrupted:
@@ -115,7 +116,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                         "--annotations or --flickr-captions/--flickr-splits) and --out")
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be >= 0")
-    cfg = load_config(args.config, [*inputs, *args.overrides])
+    prec = [f"train.precision={args.precision}"] if args.precision else []
+    cfg = load_config(args.config, [*inputs, *args.overrides, *prec])
     result = prepare(cfg, workers=args.workers, features=not args.no_features,
                      overwrite=args.overwrite, progress=not args.quiet)
     print(result.summary())
@@ -135,7 +137,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             metrics, skipped = evaluate_folder(_default_model(model), args.images,
                                                args.annotations, beam=args.beam,
                                                device=args.device, meteor=not args.no_meteor,
-                                               out_dir=args.out)
+                                               out_dir=args.out, precision=args.precision)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         for line in skipped:
@@ -177,7 +179,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   length_norm=args.length_norm,
                                   no_repeat_ngram=args.no_repeat_ngram, int8=args.int8,
                                   entities=args.entities,
-                                  allow_unk=True if args.allow_unk else None)
+                                  allow_unk=True if args.allow_unk else None,
+                                  precision=args.precision)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     if "correctness" in metrics:
         print(f"photo grounding ({args.split}): {grounding_line(metrics)}", file=sys.stderr)
@@ -209,7 +212,8 @@ def _caption_run(args: argparse.Namespace, photos: dict, overlay_dir: Path | Non
     import showattend
     from showattend.visualize import save_attention_figure
 
-    cap = showattend.load(_default_model(args.checkpoint), device=args.device, int8=args.int8)
+    cap = showattend.load(_default_model(args.checkpoint), device=args.device, int8=args.int8,
+                          precision=args.precision)
     failed = done = 0
     records = []
     used_names: set[str] = set()
@@ -267,14 +271,16 @@ def _default_model(checkpoint: str | None) -> str:
     return info.name
 
 
-def _load_models(checkpoints: list[str] | None, device: str) -> tuple[dict, dict[str, str]]:
+def _load_models(checkpoints: list[str] | None, device: str, precision: str | None = None
+                 ) -> tuple[dict, dict[str, str]]:
     """{name: loaded model} and {name: checkpoint} for repeated --checkpoint [NAME=]PATH (the
     shipped model when there is none)."""
     import showattend
     from showattend.report import name_models
 
     paths = name_models(checkpoints or [_default_model(None)])
-    return {n: showattend.load(p, device=device) for n, p in paths.items()}, paths
+    return {n: showattend.load(p, device=device, precision=precision)
+            for n, p in paths.items()}, paths
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -288,7 +294,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from showattend.reference_boxes import photos_for_images
 
         photos_for_images(args.entities, [])  # an unreadable source fails before any captioning
-    models, paths = _load_models(args.checkpoint, args.device)
+    models, paths = _load_models(args.checkpoint, args.device, args.precision)
     report = Report.build(models, args.images, references=refs, beam=args.beam, mode=args.mode,
                           checkpoints=paths, title=args.title, progress=not args.quiet,
                           entities=args.entities)
@@ -334,7 +340,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port} is not a port number")
     if args.max_upload_mb <= 0:
         raise UserError("--max-upload-mb must be positive")
-    models, paths = _load_models(args.checkpoint, args.device)
+    models, paths = _load_models(args.checkpoint, args.device, args.precision)
 
     def ready(url: str) -> None:
         print(f"serving {url}  ({', '.join(models)}; Ctrl-C stops)", flush=True)
@@ -379,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     t.add_argument("--init", metavar="CK", help="start from this checkpoint's weights "
                    "(train.init; e.g. a cross-entropy best.pt for train.objective = \"scst\")")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="train.precision: auto = bf16 where the device has fast bf16 (default: the config's, fp32)")
     t.set_defaults(func=cmd_train)
 
     pp = sub.add_parser("prepare", help="read captions + images once into a prepared folder "
@@ -396,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--workers", type=int, default=None,
                     help="image-decoding processes (default: data.num_workers or CPU count)")
     pp.add_argument("--no-features", action="store_true", help="no feature cache")
+    pp.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="train.precision for the feature cache's encoder (auto, fp32, bf16)")
     pp.add_argument("--overwrite", action="store_true",
                     help="replace a finished folder made from other inputs or settings")
     pp.set_defaults(func=cmd_prepare)
@@ -421,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves ~10 s of Java)")
     e.add_argument("--int8", action="store_true", help="dynamic int8 decoder (CPU)")
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="eval.precision: auto = bf16 where the device has fast bf16 (default: the checkpoint's, fp32)")
     e.add_argument("--entities", help="Flickr30k Entities annotations (annotations.zip or its "
                                       "folder): score attention against the human boxes")
     e.set_defaults(func=cmd_evaluate)
@@ -438,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a boxed thing, with its attention correctness")
     c.add_argument("--json", action="store_true", help="print JSON records instead of text")
     c.add_argument("--device", default="auto")
+    c.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="eval.precision (default: the checkpoint's, fp32)")
     c.add_argument("--int8", action="store_true",
                    help="dynamic int8 decoder for CPU serving (encoder stays fp32)")
     c.add_argument("--batch-size", type=int, default=16, help="images per model call")
@@ -467,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "correctness; sort by worst grounding (images named <flickr id>_*.jpg)")
     i.add_argument("--title", help="the report's title")
     i.add_argument("--device", default="auto")
+    i.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="eval.precision (default: the checkpoint's, fp32)")
     i.set_defaults(func=cmd_inspect)
 
     x = sub.add_parser("export-model", help="write a trained checkpoint as a shippable model "
@@ -489,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-upload-mb", type=float, default=20.0,
                    help="largest accepted upload (default 20)")
     sv.add_argument("--device", default="auto")
+    sv.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="eval.precision (default: the checkpoint's, fp32)")
     sv.set_defaults(func=cmd_serve)
     return p
 

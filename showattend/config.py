@@ -150,7 +150,9 @@ class TrainConfig:
     val_images: int = 0  # >0: validate on the first N val images only
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast of forward, loss and decoding; CUDA only)
+    # "fp32" | "bf16" | "auto" (bf16 where the device has fast bf16: precision.py), for training,
+    # its validation and `prepare`'s feature cache; the resolved choice is saved in the run
+    precision: str = "fp32"
     deterministic: bool = False
     nan_policy: str = "stop"  # "stop" | "skip"
     log_every: int = 50
@@ -168,6 +170,7 @@ class EvalConfig:
     length_norm: float = 0.0  # score / length**length_norm when ranking finished beams
     no_repeat_ngram: int = 0  # > 1: never repeat an n-gram within a caption (0 = off)
     allow_unk: bool = False  # False: the unknown word <unk> is never generated
+    precision: str = "fp32"  # evaluate/caption/inspect/serve: "fp32" | "bf16" | "auto"
     meteor: bool = True
     batch_size: int = 100
 
@@ -313,7 +316,8 @@ _CHOICES = {
     ("hard", "mix_mode"): ("batch", "sample", "off"),
     ("train", "val_metric"): ("BLEU-4", "CIDEr"),
     ("train", "nan_policy"): ("stop", "skip"),
-    ("train", "precision"): ("fp32", "bf16"),
+    ("train", "precision"): ("auto", "fp32", "bf16"),
+    ("eval", "precision"): ("auto", "fp32", "bf16"),
     ("train", "lr_schedule"): ("plateau", "cosine"),
     ("supervision", "loss"): ("mass", "ce"),
     ("train", "objective"): ("auto", "scst"),

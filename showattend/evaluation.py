@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from showattend import config as C
 from showattend import metrics as M
+from showattend import precision as P
 from showattend import runtime
 from showattend.attention_grounding import (WordScore, file_sizes, photos_for_records, summarize,
                                            word_scores)
@@ -45,7 +46,7 @@ def decode_records(model: Captioner, source: ImageSource, vocab: Vocab, device: 
                    precision: str = "fp32", no_repeat_ngram: int = 0,
                    allow_unk: bool = False) -> list[dict[str, Any]]:
     """Caption every good image of ``source``: one dict per image (words, attention, β, …).
-    ``precision`` "bf16" decodes under bf16 autocast on CUDA."""
+    ``precision`` (resolved) "bf16": bf16 products (CPU) or autocast (CUDA) — precision.py."""
     model.eval()
     ds = ImageDataset(source)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_images)
@@ -154,7 +155,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
                         summary: bool = False, length_norm: float | None = None,
                         no_repeat_ngram: int | None = None, int8: bool = False,
                         entities: str | Path | None = None,
-                        allow_unk: bool | None = None) -> dict[str, float]:
+                        allow_unk: bool | None = None,
+                        precision: str | None = None) -> dict[str, float]:
     """Decode ``split`` with a checkpoint; write metrics_<split>_beam<N>.json and COCO-format
     results_<split>_beam<N>.json next to the checkpoint (or in ``out_dir``); return the metrics.
     ``summary`` also writes metrics.json (the run's headline figures, written by training).
@@ -173,9 +175,10 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
     beam = beam or cfg.eval.beam
     t0 = time.time()
     cfg = _decoding_config(cfg, length_norm, no_repeat_ngram, allow_unk)
+    prec = P.choose(precision or cfg.eval.precision, dev, "evaluation")
     results = decode_records(model, src, vocab, dev, beam=beam, max_len=cfg.eval.max_len,
                              length_norm=cfg.eval.length_norm, batch_size=cfg.eval.batch_size,
-                             progress=progress, precision=cfg.train.precision,
+                             progress=progress, precision=prec,
                              no_repeat_ngram=cfg.eval.no_repeat_ngram,
                              allow_unk=cfg.eval.allow_unk)
     dt = time.time() - t0
@@ -184,6 +187,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
     metrics = score_results(results, records, splits.objects.get(split),
                             meteor=cfg.eval.meteor if meteor is None else meteor, photos=photos)
     metrics.update(beam=float(beam), length_norm=float(cfg.eval.length_norm), int8=float(int8),
+                   bf16=float(prec == "bf16"),
                    no_repeat_ngram=float(cfg.eval.no_repeat_ngram),
                    allow_unk=float(cfg.eval.allow_unk),
                    unk_captions=float(sum("<unk>" in r["words"] for r in results)),
@@ -202,8 +206,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
 
 def evaluate_folder(model: str | Path, images: str | Path, annotations: str | Path,
                     beam: int | None = None, device: str | None = None, meteor: bool = True,
-                    batch_size: int = 16, out_dir: str | Path | None = None
-                    ) -> tuple[dict[str, float], list[str]]:
+                    batch_size: int = 16, out_dir: str | Path | None = None,
+                    precision: str | None = None) -> tuple[dict[str, float], list[str]]:
     """Score a model (checkpoint or shipped name) on any COCO-format caption file and the
     folder of its images: every annotated image with captions that exists under ``images`` is
     captioned with the model's own preprocessing and decoding, then scored against its
@@ -219,7 +223,7 @@ def evaluate_folder(model: str | Path, images: str | Path, annotations: str | Pa
     skipped = [f"{r.path}: not found (image_id {r.image_id})" for r in recs if not r.path.is_file()]
     if not present:
         raise ValueError(f"none of the {len(recs)} annotated images is in {images}")
-    cap = showattend.load(model, device=device or "auto")
+    cap = showattend.load(model, device=device or "auto", precision=precision)
     by_path = {str(r.path): r for r in present}
     hyps: dict[int, str] = {}
     t0 = time.time()
@@ -235,7 +239,7 @@ def evaluate_folder(model: str | Path, images: str | Path, annotations: str | Pa
     refs = {r.image_id: list(r.captions) for r in present if r.image_id in hyps}
     metrics = M.caption_metrics(hyps, refs, meteor=meteor)
     metrics.update(images=float(len(hyps)), skipped_images=float(len(skipped)),
-                   beam=float(beam or cap.config.eval.beam),
+                   beam=float(beam or cap.config.eval.beam), bf16=float(cap.precision == "bf16"),
                    unk_captions=float(sum("<unk>" in h.split() for h in hyps.values())),
                    caption_images_per_s=len(hyps) / max(dt, 1e-9))
     if out_dir is not None:

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["TrainingError", "resolve_device", "autocast", "check_precision", "process_settings"]
+from showattend import precision
+
+__all__ = ["TrainingError", "resolve_device", "autocast", "process_settings"]
 
 
 class TrainingError(RuntimeError):
@@ -44,23 +46,13 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA for ``precision = "bf16"``; a no-op context otherwise.
-
-    Wraps forward passes and losses only: backward reuses the dtypes autocast chose, and bf16
-    keeps fp32's exponent range, so no gradient scaler is needed. Outside CUDA it does nothing
-    (training refuses bf16 there; decoding a bf16-trained model on CPU simply runs in fp32).
-    """
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Training in bf16 needs CUDA: on CPU, autocast would be slower and change the numbers."""
-    if precision == "bf16" and device.type != "cuda":
-        raise TrainingError(f"train.precision = 'bf16' needs a CUDA device, but this run is on "
-                            f"{device.type} (use train.precision=fp32)")
+def autocast(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The block a forward pass (and its loss) or a decoding call runs in at precision ``name``
+    (resolved: "fp32" | "bf16"; "auto" is taken as fp32 here — resolve it first): CUDA autocast,
+    or on the CPU the bf16 products of :mod:`showattend.precision`. Wraps forward passes and
+    losses only: backward reuses the dtypes chosen there, and bf16 keeps fp32's exponent range,
+    so no gradient scaler is needed."""
+    return precision.compute(name, device)
 
 
 @contextlib.contextmanager

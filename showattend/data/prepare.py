@@ -456,6 +456,11 @@ def _image_phase(out: Path, work: Path, existing: dict[str, Any] | None,
     return "".join(status), failures, computed, seconds
 
 
+def _with_precision(meta: dict[str, Any]) -> dict[str, Any]:
+    """A feature entry's settings with the precision it was computed in (fp32 unless noted)."""
+    return {**meta["settings"], "precision": meta.get("precision", "fp32")}
+
+
 def _cache_encoder(cfg: Any):
     """(encoder, preprocess, note): the config's encoder if it is frozen, else (None, None, why)."""
     import torch
@@ -480,20 +485,25 @@ def _feature_phase(out: Path, work: Path, existing: dict[str, Any] | None, encod
     """Compute the feature rows not yet done; returns (manifest entry, n computed, seconds)."""
     import torch
 
+    from showattend import precision
     from showattend.progress import progress_bar
     from showattend.runtime import resolve_device
 
     settings = feature_settings(cfg, encoder)
     fingerprint = encoder_fingerprint(encoder)
     shape = [n, encoder.grid * encoder.grid, int(encoder.out_dim)]
+    device = resolve_device(cfg.train.device)
+    prec = precision.choose(cfg.train.precision, device, "prepare")
     meta = {"file": FEATURES, "shape": shape, "dtype": "float16", "settings": settings,
             "fingerprint": fingerprint, "encoder_state": ENCODER}
+    if prec == "bf16":  # recorded (an fp32 cache's entry is as before); the cache stays float16
+        meta["precision"] = "bf16"
     old = existing.get("features") if existing else None
     if old == meta and (out / FEATURES).is_file():
         return meta, 0, 0.0  # up to date
     if old and not overwrite:
         raise PreparedDataError(f"{out} holds a feature cache made with other encoder settings "
-                                f"({_plan_diff(old['settings'], settings)}): use --overwrite to "
+                                f"({_plan_diff(_with_precision(old), _with_precision(meta))}): use --overwrite to "
                                 f"replace it, or --no-features")
     extra = {"fingerprint": fingerprint, "shape": shape}
     part, prog_path = work / FEATURES, work / "features.progress.json"
@@ -507,7 +517,6 @@ def _feature_phase(out: Path, work: Path, existing: dict[str, Any] | None, encod
     _open_part(part, tuple(shape), "float16", resume=state is not None)
     chunks = [c for c in _chunks(good, batch) if any(status[i] == TODO for i in c)]
     done_before = sum(status[i] == GOOD for i in good)
-    device = resolve_device(cfg.train.device)
     threads = torch.get_num_threads()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -520,8 +529,8 @@ def _feature_phase(out: Path, work: Path, existing: dict[str, Any] | None, encod
     try:
         for chunk in chunks:
             x = pre.normalize(images[chunk]).to(device)  # (B, 3, H, W)
-            with torch.inference_mode():
-                a = encoder(x)  # (B, L, D)
+            with torch.inference_mode(), precision.compute(prec, device):
+                a = encoder(x)  # (B, L, D) float32 (bf16 convolutions with prec "bf16")
             if list(a.shape[1:]) != shape[1:]:
                 raise PreparedDataError(f"the encoder gives annotations {list(a.shape[1:])}, "
                                         f"expected {shape[1:]}")

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from showattend import precision
+
 
 class AdditiveScore(nn.Module):
     """The paper's MLP: e_i = wᵀ tanh(W_a a_i + W_h h) + b.
@@ -35,6 +37,8 @@ class AdditiveScore(nn.Module):
         self.out = nn.Linear(attn_dim, 1)
 
     def precompute(self, a: torch.Tensor) -> torch.Tensor:
+        if type(self.proj_a) is nn.Linear:  # in bf16 inside a CPU bf16 block (precision.py)
+            return 2.0 * precision.linear(a, self.proj_a.weight, self.proj_a.bias)  # (B, L, A)
         return 2.0 * self.proj_a(a)  # (B, L, A): doubled, see the class docstring
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from showattend import precision
 # Re-exported: these names have always been importable from here.
 from showattend.models.backbones import (BACKBONES, EncoderError, Normalisation, ShapesCNN,
                                          get_backbone)
@@ -55,7 +56,8 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) normalised → annotations (B, L, D)."""
-        fmap = self.backbone(images)  # (B, C, h, w)
+        with precision.encoder_context(self.backbone, images) as x:  # bf16 convs (precision.py)
+            fmap = self.backbone(x).float()  # (B, C, h, w)
         if fmap.shape[-2:] != (self.grid, self.grid):
             fmap = F.adaptive_avg_pool2d(fmap, (self.grid, self.grid))  # (B, C, g, g)
         if self.coords:

@@ -32,6 +32,8 @@ def _supported() -> bool:
 
 
 _SUPPORTED = _supported()
+_SUPPORTED_BF16 = _SUPPORTED and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported",
+                                              lambda: False)())
 
 
 class Packed:
@@ -49,16 +51,50 @@ class Packed:
                                                   "")
 
 
-def pack(weight: torch.Tensor, rows: int | None, bias: torch.Tensor | None = None
-         ) -> Packed | None:
+class PackedBf16(Packed):
+    """The same product with W packed in bf16 (precision.py): x is rounded to bf16, the result
+    comes back float32 and the float32 bias is added there."""
+
+    def __init__(self, weight: torch.Tensor, rows: int | None,
+                 bias: torch.Tensor | None = None):
+        self._w = torch.ops.mkldnn._reorder_linear_weight(
+            weight.detach().to(torch.bfloat16).contiguous(), rows)
+        self._b = None if bias is None else bias.detach().float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), self._w, None,
+                                               "none", [], "").float()
+        return y.add_(self._b) if self._b is not None else y
+
+
+class PlainBf16:
+    """:class:`PackedBf16`'s arithmetic without oneDNN: x and W rounded to bf16, a plain
+    product (bf16 emulated where the CPU has no bf16 units), float32 out, bias added there."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self._w = weight.detach().to(torch.bfloat16).t().contiguous()  # (in, out)
+        self._b = None if bias is None else bias.detach().float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to(torch.bfloat16).mm(self._w).float()
+        return y.add_(self._b) if self._b is not None else y
+
+
+def pack(weight: torch.Tensor, rows: int | None, bias: torch.Tensor | None = None,
+         bf16: bool = False) -> Packed | None:
     """``weight`` (out, in) (and ``bias`` (out,)) packed for products with about ``rows`` rows
-    (None: any), or None where packing does not apply (not an fp32 CPU tensor, torch without
-    oneDNN, an autocast region)."""
-    if not _SUPPORTED or weight.device.type != "cpu" or weight.dtype != torch.float32 or \
+    (None: any), in bf16 if ``bf16``; or None where packing does not apply (not an fp32 CPU
+    tensor, torch without oneDNN (or its bf16), an autocast region)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or \
             torch.is_autocast_enabled("cpu"):
         return None
+    if bf16 and not _SUPPORTED_BF16:  # bf16 asked where oneDNN has none: same numbers, slowly
+        return PlainBf16(weight, bias)
+    if not _SUPPORTED:
+        return None
     try:
-        return Packed(weight, rows if rows is None else max(1, rows), bias)
+        return (PackedBf16 if bf16 else Packed)(weight, rows if rows is None else max(1, rows),
+                                                bias)
     except RuntimeError:  # a oneDNN build that cannot pack this shape: the plain path works
         return None
 
@@ -86,15 +122,17 @@ def decoding(owner: nn.Module) -> Iterator[None]:
 
 
 def cached(owner: nn.Module, name: str, weights: Sequence[torch.Tensor],
-           bias: Sequence[torch.Tensor] = ()) -> Packed | None:
+           bias: Sequence[torch.Tensor] = (), bf16: bool = False) -> Packed | None:
     """[W_1 | W_2 | …] (concatenated along their inputs) with bias Σ b_j, packed once per
-    :func:`decoding` block of ``owner``; None outside one or where packing does not apply."""
+    :func:`decoding` block of ``owner`` (in bf16 if ``bf16``); None outside one or where packing
+    does not apply."""
     table = getattr(_LOCAL, "tables", {}).get(id(owner))
     if table is None:
         return None
+    name = f"{name}:bf16" if bf16 else name
     if name not in table:
         with torch.no_grad():
             w = weights[0] if len(weights) == 1 else torch.cat(list(weights), 1)  # (out, Σ in)
             b = sum(bias[1:], bias[0]) if bias else None  # (out,)
-            table[name] = pack(w, None, b)
+            table[name] = pack(w, None, b, bf16=bf16)
     return table[name]

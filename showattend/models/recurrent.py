@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from showattend import precision
 from showattend.models.packed import Packed, pack
 
 
@@ -30,10 +31,16 @@ class GateTape:
         self.g: dict[int, torch.Tensor] = {}
         self.fwd: Packed | None = None  # [z, h] ↦ gates
         self.w: torch.Tensor | None = None  # (4N, D + N) the same weights, contiguous
+        # inside a CPU bf16 block (precision.py): the products in bf16, gradients float32
+        self.bf16 = precision.active() is not None and w_z is not None and \
+            w_z.dtype == torch.float32 and w_z.device.type == "cpu"
         if w_z is not None and w_h is not None:
             w = torch.cat([w_z.detach().t(), w_h.detach().t()], 1)  # (4N, D + N)
-            self.fwd = pack(w, rows)
-            self.w = w if self.fwd is not None else None
+            self.fwd = pack(w, rows, bf16=self.bf16)
+            if self.bf16:
+                self.w = w.to(torch.bfloat16)
+            else:
+                self.w = w if self.fwd is not None else None
 
 
 class RecurrentGates(torch.autograd.Function):
@@ -46,6 +53,8 @@ class RecurrentGates(torch.autograd.Function):
         ctx.tape, ctx.t = tape, t
         if tape.fwd is not None and x.dtype == torch.float32:
             return tape.fwd(torch.cat([z, h], 1)).add_(x)  # (n, 4N)
+        if tape.bf16:
+            return torch.cat([z, h], 1).to(torch.bfloat16).mm(tape.w.t()).float().add_(x)
         return torch.addmm(torch.addmm(x, z, w_z), h, w_h)  # (n, 4N)
 
     @staticmethod
@@ -57,7 +66,8 @@ class RecurrentGates(torch.autograd.Function):
         if tape.w is not None and (need[1] or need[2]) and g.dtype == torch.float32:
             # one product with the contiguous [W_z; W_h] (packing its transpose would cost a
             # transposing copy per pass, more than the packed product saves)
-            gz, gh = g.mm(tape.w).split([w_z.shape[0], w_h.shape[0]], 1)  # (n, D), (n, N)
+            gzh = g.to(tape.w.dtype).mm(tape.w).float() if tape.bf16 else g.mm(tape.w)
+            gz, gh = gzh.split([w_z.shape[0], w_h.shape[0]], 1)  # (n, D), (n, N)
             gz, gh = (gz if need[1] else None), (gh if need[2] else None)
         else:
             gz = g.mm(w_z.t()) if need[1] else None  # (n, D)
@@ -68,11 +78,15 @@ class RecurrentGates(torch.autograd.Function):
             if t == 0:  # every later step has run its backward: sum over all positions at once
                 steps = sorted(tape.g)
                 grads = torch.cat([tape.g[s] for s in steps])  # (P, 4N)
+                dt = torch.bfloat16 if tape.bf16 else grads.dtype
+                grads = grads.to(dt)
                 # formed as (4N, ·) and returned transposed: the weights are stored (4N, ·), so
                 # their gradients then accumulate row by row instead of as a transposing copy
                 if need[3]:
-                    gwz = grads.t().mm(torch.cat([tape.z[s] for s in steps])).t()  # (D, 4N)
+                    gwz = grads.t().mm(torch.cat([tape.z[s] for s in steps]).to(dt)).t() \
+                        .to(w_z.dtype)  # (D, 4N)
                 if need[4]:
-                    gwh = grads.t().mm(torch.cat([tape.h[s] for s in steps])).t()  # (N, 4N)
+                    gwh = grads.t().mm(torch.cat([tape.h[s] for s in steps]).to(dt)).t() \
+                        .to(w_h.dtype)  # (N, 4N)
                 tape.z.clear(), tape.h.clear(), tape.g.clear()
         return g, gz, gh, gwz, gwh, None, None

@@ -15,7 +15,7 @@ import torch
 
 from showattend import config as C
 from showattend import distributed as D
-from showattend import runtime
+from showattend import precision, runtime
 from showattend.checkpoint import CheckpointError, load_checkpoint
 from showattend.data.coco import ImageRecord
 from showattend.data.datasets import CaptionDataset, ImageSource
@@ -225,7 +225,6 @@ def _devices_and_splits(cfg: C.Config, splits: Splits | None, progress: bool
     device = runtime.resolve_device(cfg.train.device)
     dist = D.setup(device)
     device = D.device_for(dist, device)
-    runtime.check_precision(cfg.train.precision, device)
     runtime.apply_run_settings(device, cfg.train.threads, cfg.train.deterministic, cfg.train.seed)
     if dist.enabled and not dist.main:  # rank 0 first: it may generate or check the data on disk
         D.barrier(dist)
@@ -233,6 +232,15 @@ def _devices_and_splits(cfg: C.Config, splits: Splits | None, progress: bool
     if dist.enabled and dist.main:
         D.barrier(dist)
     return dist, device, splits
+
+
+def _resolve_precision(cfg: C.Config, device: torch.device, main: bool) -> C.Config:
+    """train.precision "auto" made concrete for this device (said once, saved with the run)."""
+    chosen = precision.resolve(cfg.train.precision, device, "training",
+                               warn=log.warning if main else (lambda _s: None))
+    if main:
+        log.info("precision: %s", precision.describe(cfg.train.precision, chosen, device))
+    return C.replace(cfg, train={"precision": chosen}) if chosen != cfg.train.precision else cfg
 
 
 def setup_run(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None) -> Run:
@@ -243,6 +251,7 @@ def setup_run(cfg: C.Config, resume: bool, progress: bool, splits: Splits | None
         RunFiles.clean(out)
     cfg, ckpt = resume_checkpoint(cfg, out, resume, main)
     dist, device, splits = _devices_and_splits(cfg, splits, progress and main)
+    cfg = _resolve_precision(cfg, device, main)
     vocab = _run_vocab(cfg, splits, ckpt)
     model = build_model(cfg, vocab, device, splits, fresh=ckpt is None)
     preprocess = make_preprocess(cfg, model)
