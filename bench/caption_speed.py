@@ -12,7 +12,11 @@ real JPEG decode and resize; generated pictures when Flickr8k is absent. Prints,
 2. `CaptionerAPI.caption_paths` end to end (decode + preprocess + encoder + beam search) with
    0, 1 and 2 DataLoader workers, and its ratio to (1) timed around it — the bar is ≤ 1.25×;
 3. the decoder alone (beam search on given features), fp32 against the dynamic int8 decoder,
-   and the int8 pipeline end to end.
+   and the int8 pipeline end to end;
+4. with ``--precision compare`` (the default) or ``bf16``: the encoder alone and the pipeline
+   end to end (1 worker) in fp32 and in bf16 (precision.py: bf16 convolutions in channels_last,
+   bf16 decoder products), their ratio, the fp32 and bf16 matmul yardsticks of the same run, and
+   how many captions the two precisions share.
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ import torch
 from PIL import Image
 
 from showattend import config as C
+from showattend import precision as P
 from showattend.api import CaptionerAPI
 from showattend.decoding import decode
 from showattend.models.captioner import Captioner
 from showattend.quantize import quantize_decoder
 from showattend.loading import make_preprocess
 from showattend.vocab import Vocab
+
+from precision_util import Yardsticks, add_precision_arg, precisions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +81,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--beam", type=int, default=3)
     ap.add_argument("--size", type=int, default=256)
+    add_precision_arg(ap)
+    ap.add_argument("--only-precision", action="store_true",
+                    help="skip the worker and int8 comparisons (1–3): only the precisions")
     args = ap.parse_args()
+    if args.only_precision:
+        return precision_comparison(args)
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
     api = build(args.size)
@@ -134,6 +146,51 @@ def main() -> None:
           f"{float((words32 == words8).float().mean()):.0%} of positions (untrained weights)")
     print(f"caption end to end with the int8 decoder, {best} workers: {t_pipe8 * per:.0f} "
           f"ms/image = {t_pipe8 / t_enc8:.2f}x the encoder alone")
+    if args.precision != "fp32":
+        precision_comparison(args)
+
+
+def precision_comparison(args) -> None:
+    """Encoder alone and `caption` end to end (1 worker) at each precision, same photos."""
+    dev = torch.device("cpu")
+    sticks = Yardsticks(dev)
+    sticks.measure()
+    torch.manual_seed(0)
+    api = build(args.size)
+    n = args.images
+    enc, pipe, caps = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        what = make_photos(folder, n)
+        pre = api.preprocess
+        pixels = torch.stack([pre.normalize(pre.view(Image.open(p)))
+                              for p in sorted(folder.glob("*.jpg"))])
+        for prec in precisions(args.precision, dev):
+            api.precision = prec
+            with torch.no_grad(), P.compute(prec, dev):
+                api.model.encode(pixels[: args.batch])  # warm-up (and channels_last, once)
+                enc[prec] = min(timed(lambda: [api.model.encode(pixels[i: i + args.batch])
+                                               for i in range(0, n, args.batch)])
+                                for _ in range(2))
+            list(api.caption_paths([folder], beam=args.beam, batch_size=args.batch,
+                                   workers=1))  # warm-up
+            out = []
+            pipe[prec] = timed(lambda: out.extend(api.caption_paths(
+                [folder], beam=args.beam, batch_size=args.batch, workers=1)))
+            caps[prec] = [c.caption for _, c, _ in out]
+            sticks.measure()
+    per = 1000 / n
+    print(f"{n} photos ({what}), ResNet-101 at {args.size}², batch {args.batch}, beam "
+          f"{args.beam}, {torch.get_num_threads()} torch threads")
+    print(sticks.line())
+    for prec in enc:
+        print(f"[{prec}] encoder forward alone {enc[prec] * per:.0f} ms/image; caption end to "
+              f"end (1 worker) {pipe[prec] * per:.0f} ms/image")
+    if len(enc) == 2:
+        same = sum(a == b for a, b in zip(caps["fp32"], caps["bf16"]))
+        print(f"bf16 / fp32, same run: encoder {enc['fp32'] / enc['bf16']:.2f}×, caption end to "
+              f"end {pipe['fp32'] / pipe['bf16']:.2f}× (target ≥ 3× with AMX); same caption on "
+              f"{same} of {n} photos (untrained weights: near-ties are common)")
 
 
 if __name__ == "__main__":

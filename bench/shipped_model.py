@@ -22,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from precision_util import Yardsticks, add_precision_arg, precisions
+
 ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).with_name("showattend")
 
@@ -44,9 +48,10 @@ def _photos(n: int, dst: Path) -> list[Path]:
     return out
 
 
-def _run(args: list[str]) -> float:
+def _run(args: list[str], prec: str = "fp32") -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run([str(EXE), "-q", "caption", *args], capture_output=True, text=True)
+    proc = subprocess.run([str(EXE), "-q", "caption", "--precision", prec, *args],
+                          capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"caption failed: {proc.stderr.strip()}")
@@ -57,19 +62,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--photos", type=int, default=100)
+    add_precision_arg(ap, default="fp32")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        photos = _photos(args.photos, Path(tmp) / "photos")
-        _run([str(photos[0])])  # warm the page cache (files, wheels, the model)
-        one = [_run([str(photos[0])]) for _ in range(args.repeats)]
-        folder = [_run([str(Path(tmp) / "photos")]) for _ in range(max(1, args.repeats // 2))]
-    best1, med1 = min(one), statistics.median(one)
-    bestf = min(folder)
-    print(f"caption one photo, whole process: best {best1:.2f} s, median {med1:.2f} s "
-          f"(target <= 3 s)")
-    print(f"caption a folder of {args.photos}: {bestf:.2f} s = {args.photos / bestf:.1f} "
-          f"photos/s (target >= 8); after loading: "
-          f"{(args.photos - 1) / max(bestf - best1, 1e-9):.1f} photos/s")
+    sticks = Yardsticks(torch.device("cpu"))
+    sticks.measure()
+    for prec in precisions(args.precision, torch.device("cpu")):
+        with tempfile.TemporaryDirectory() as tmp:
+            photos = _photos(args.photos, Path(tmp) / "photos")
+            _run([str(photos[0])], prec)  # warm the page cache (files, wheels, the model)
+            one = [_run([str(photos[0])], prec) for _ in range(args.repeats)]
+            folder = [_run([str(Path(tmp) / "photos")], prec)
+                      for _ in range(max(1, args.repeats // 2))]
+        sticks.measure()
+        best1, med1 = min(one), statistics.median(one)
+        bestf = min(folder)
+        print(f"[{prec}] caption one photo, whole process: best {best1:.2f} s, median "
+              f"{med1:.2f} s (target <= 3 s)")
+        print(f"[{prec}] caption a folder of {args.photos}: {bestf:.2f} s = "
+              f"{args.photos / bestf:.1f} photos/s (target >= 8); after loading: "
+              f"{(args.photos - 1) / max(bestf - best1, 1e-9):.1f} photos/s")
+    print(sticks.line())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ only speed lives in bench/."""
 from __future__ import annotations
 
 import inspect
+import os
 import json
 import warnings
 from pathlib import Path
@@ -226,3 +227,39 @@ def test_bf16_decoding_agrees_and_checkpoints_are_fp32(two_runs) -> None:
     att = max(float(abs(x["alphas"] - y["alphas"]).max())
               for x, y in zip(res["fp32"], res["bf16"]) if x["caption"] == y["caption"])
     assert att < 0.05, att  # the same words look at the same places
+
+
+def test_bf16_run_resumes_bit_exact_mid_epoch(tmp_path: Path, monkeypatch) -> None:
+    """A bf16 run stopped mid-epoch and resumed ends with the uninterrupted run's weights and
+    optimiser state, bit for bit (the bf16 weight copies are made afresh every step)."""
+    import signal
+
+    import showattend.train.loop as L
+
+    def cfg_for(out: str):
+        path = tmp_path / f"{out}.toml"
+        path.write_text(tiny_toml(tmp_path / out, tmp_path / "data", epochs=2, batch_size=8,
+                                  train_extra='precision = "bf16"\nthreads = 1'))
+        return load_config(path)
+
+    fit(cfg_for("ref"), progress=False, evaluate_test=False)
+    real_step, calls = L.train_step, {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # epoch 2, batch 3 of 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(L, "train_step", step)
+    assert fit(cfg_for("run"), progress=False, evaluate_test=False).interrupted
+    monkeypatch.setattr(L, "train_step", real_step)
+    fit(cfg_for("run"), resume=True, progress=False, evaluate_test=False)
+    a, b = load_checkpoint(tmp_path / "run" / "last.pt"), load_checkpoint(tmp_path / "ref" /
+                                                                          "last.pt")
+    assert a["config"]["train"]["precision"] == "bf16"
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
