@@ -263,3 +263,22 @@ def test_bf16_run_resumes_bit_exact_mid_epoch(tmp_path: Path, monkeypatch) -> No
     for pid, st in a["optimizer"]["state"].items():
         for k, v in st.items():
             assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
+
+
+def test_bf16_decoding_refines_the_top_logits() -> None:
+    """bf16 decoding recomputes each row's top logits in fp32 (torch's CPU bf16 product rounds
+    its output to bf16, which reordered near-tied beams): those equal the fp32 product to fp32
+    summation error, the others keep the bf16 value."""
+    from showattend.models.decoder import _refine_top
+
+    g = torch.Generator().manual_seed(7)
+    w, b, u = torch.randn(300, 64, generator=g), torch.randn(300, generator=g), \
+        torch.randn(5, 64, generator=g)
+    rounded = packed.PlainBf16(w, b)(u)  # (5, 300)
+    exact = torch.nn.functional.linear(u, w, b)
+    refined = _refine_top(rounded.clone(), u, w, b, 16)
+    top = rounded.topk(16, dim=1).indices
+    assert torch.allclose(refined.gather(1, top), exact.gather(1, top), atol=1e-5, rtol=0)
+    rest = torch.ones_like(refined, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.equal(refined[rest], rounded[rest])
+    assert (rounded.gather(1, top) - exact.gather(1, top)).abs().max() > 1e-3  # it mattered

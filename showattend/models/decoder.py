@@ -24,6 +24,8 @@ from showattend.vocab import PAD_ID
 
 # decoding steps with at most this many rows (images × beams) use packed weights (packed.py)
 _PACKED_ROWS = 96
+# bf16 decoding: the top logits of each row recomputed in fp32 (_refine_top)
+_REFINE = 16
 
 
 class State(NamedTuple):
@@ -134,10 +136,7 @@ class Decoder(nn.Module):
                       (self.lstm.bias_ih, self.lstm.bias_hh), bf16=bf16)
         deep = cached(self, "deep", (self.L_h.weight, self.L_z.weight), (self.L_h.bias,),
                       bf16=bf16) if self.deep_output else None
-        # the vocabulary projection of decoding stays fp32 even in a bf16 block: torch's CPU bf16
-        # product returns bf16, and rounding the logits (2⁻⁸ of a logit: 0.03 at 8) reordered
-        # the beams of 8 % of Flickr8k's test captions; with it in fp32, 1.3 % (README)
-        out = cached(self, "out", (self.L_o.weight,), (self.L_o.bias,))
+        out = cached(self, "out", (self.L_o.weight,), (self.L_o.bias,), bf16=bf16)
         if lstm is None or out is None or (self.deep_output and deep is None):
             return None
         return lstm, deep, out
@@ -151,10 +150,11 @@ class Decoder(nn.Module):
         i, f, g, o = gates.chunk(4, 1)
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)  # (B, N)
         h = torch.sigmoid(o) * torch.tanh(c)  # (B, N)
-        if deep is not None:
-            logits = out(self.dropout(deep(torch.cat([h, z], 1)).add_(emb)))  # (B, V)
-        else:
-            logits = out(self.dropout(h))
+        u = self.dropout(deep(torch.cat([h, z], 1)).add_(emb)) if deep is not None else \
+            self.dropout(h)  # (B, E) or (B, N)
+        logits = out(u)  # (B, V)
+        if _REFINE and getattr(out, "bf16", False):
+            logits = _refine_top(logits, u, self.L_o.weight, self.L_o.bias, _REFINE)
         return logits, State(h, c)
 
     def teacher_forced(self, mem: Memory, state: State, inputs: torch.Tensor,
@@ -230,6 +230,22 @@ class Decoder(nn.Module):
         n_cells = mem.feats.shape[1]
         return TeacherForced(logits_p, scatter(alphas, n_cells), scatter(betas), scatter(logps),
                              scatter(ents), torch.stack([dst_b, dst_t], 1))
+
+
+def _refine_top(logits: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, m: int) -> torch.Tensor:
+    """bf16 logits with their top ``m`` per row recomputed in fp32.
+
+    torch's CPU bf16 product returns bf16, so every logit is rounded (up to 2⁻⁸ of its size: 0.03
+    at 8) — enough to reorder near-tied beams (8 % of Flickr8k's test captions changed). The
+    words a search can pick are among the top few of each row: those get their exact fp32 value
+    (m rows of W gathered, m dot products), the rest keep the rounded one, which moves the
+    log-softmax normaliser only by their small probability mass times their rounding."""
+    top = logits.topk(min(m, logits.shape[1]), dim=1).indices  # (B, m)
+    exact = torch.bmm(weight[top], u.unsqueeze(2)).squeeze(2)  # (B, m)
+    if bias is not None:
+        exact += bias[top]
+    return logits.scatter_(1, top, exact)
 
 
 def _reorder(mem, order: torch.Tensor):

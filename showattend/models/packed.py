@@ -55,6 +55,8 @@ class PackedBf16(Packed):
     """The same product with W packed in bf16 (precision.py): x is rounded to bf16, the result
     comes back float32 and the float32 bias is added there."""
 
+    bf16 = True
+
     def __init__(self, weight: torch.Tensor, rows: int | None,
                  bias: torch.Tensor | None = None):
         self._w = torch.ops.mkldnn._reorder_linear_weight(
@@ -70,6 +72,8 @@ class PackedBf16(Packed):
 class PlainBf16:
     """:class:`PackedBf16`'s arithmetic without oneDNN: x and W rounded to bf16, a plain
     product (bf16 emulated where the CPU has no bf16 units), float32 out, bias added there."""
+
+    bf16 = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self._w = weight.detach().to(torch.bfloat16).t().contiguous()  # (in, out)

@@ -45,7 +45,8 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
                     and (run.files.out / "best.pt").is_file():
                 result.test_metrics = evaluate_checkpoint(
                     run.files.out / "best.pt", "test", out_dir=run.files.out, splits=run.splits,
-                    progress=progress, summary=True)
+                    progress=progress, summary=True,
+                    precision=run.cfg.train.precision)  # a bf16 run is tested in bf16
             return result
         finally:
             D.teardown(D.from_env())
