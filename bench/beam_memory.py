@@ -23,10 +23,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def child(way: str, images: int, beam: int) -> None:
+def child(way: str, images: int, beam: int, prec: str = "fp32") -> None:
     sys.path.insert(0, str(HERE))
     from decoder_flops import D, L, build
 
+    from showattend import precision as P
     from showattend.decoding import beam_search
 
     torch.set_num_threads(1)
@@ -36,7 +37,7 @@ def child(way: str, images: int, beam: int) -> None:
     if way == "copies":
         model.decoder.attention.shares_memory = False
     if way != "baseline":
-        with torch.no_grad():
+        with torch.no_grad(), P.compute(prec, torch.device("cpu")):
             beam_search(model, feats, beam=beam, max_len=3)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 
@@ -46,19 +47,24 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--beam", type=int, default=5)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=("fp32", "bf16", "compare"), default="fp32",
+                    help="decode in fp32, bf16 (precision.py: bf16 weight copies for the call), "
+                         "or both")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.images, args.beam)
+        child(args.child, args.images, args.beam, args.precision)
         return
-    peak = {}
-    for way in ("baseline", "shared", "copies"):
-        out = subprocess.run([sys.executable, __file__, "--child", way, "--images",
-                              str(args.images), "--beam", str(args.beam)],
-                             capture_output=True, text=True, check=True)
-        peak[way] = int(out.stdout.split()[-1]) / 2 ** 20  # GiB
-    print(f"beam {args.beam}, {args.images} images, COCO sizes: peak resident memory "
-          f"{peak['shared']:.2f} GiB with shared memory, {peak['copies']:.2f} GiB with a copy per "
-          f"beam ({peak['baseline']:.2f} GiB for the model and annotations alone)")
+    for prec in (("fp32", "bf16") if args.precision == "compare" else (args.precision,)):
+        peak = {}
+        for way in ("baseline", "shared", "copies"):
+            out = subprocess.run([sys.executable, __file__, "--child", way, "--images",
+                                  str(args.images), "--beam", str(args.beam), "--precision",
+                                  prec], capture_output=True, text=True, check=True)
+            peak[way] = int(out.stdout.split()[-1]) / 2 ** 20  # GiB
+        print(f"[{prec}] beam {args.beam}, {args.images} images, COCO sizes: peak resident "
+              f"memory {peak['shared']:.2f} GiB with shared memory, {peak['copies']:.2f} GiB "
+              f"with a copy per beam ({peak['baseline']:.2f} GiB for the model and annotations "
+              f"alone)")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ The package ships no compile option unless this shows a clear gain (see bench/RE
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
+
+from showattend import precision
 
 from decoder_flops import build, captions_batch, sync, timed_train_step
 from showattend.config import TrainConfig
@@ -25,12 +26,16 @@ from showattend.decoding import beam_search
 from showattend.train import build_optimizer
 
 
+PREC = "fp32"  # --precision
+
+
 def time_beam(model, feats, dev, reps: int = 2) -> float:
     out = []
     for _ in range(reps):
         sync(dev)
         t0 = time.perf_counter()
-        beam_search(model, feats, beam=5, max_len=20)
+        with precision.compute(PREC, dev):  # one block per call: weights fixed inside it
+            beam_search(model, feats, beam=5, max_len=20)
         sync(dev)
         out.append(time.perf_counter() - t0)
     return min(out)
@@ -40,7 +45,7 @@ def time_train(model, step_model, feats, dev, gen, steps: int) -> tuple[float, f
     """(first step incl. compilation, mean of the next ``steps``) in seconds."""
     opt = build_optimizer(model, TrainConfig())  # what training uses (fused Adam)
     times = [timed_train_step(step_model, opt, captions_batch(feats.shape[0], gen, dev)[0], feats,
-                              dev, contextlib.nullcontext()) for _ in range(steps + 1)]
+                              dev, precision.compute(PREC, dev)) for _ in range(steps + 1)]
     return times[0], sum(times[1:]) / steps
 
 
@@ -48,7 +53,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="run eager and compiled inside this precision's block (precision.py)")
     args = ap.parse_args()
+    global PREC
+    PREC = args.precision
     dev = torch.device(args.device)
     torch.manual_seed(0)
     torch.set_flush_denormal(True)

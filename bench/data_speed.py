@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--generated", action="store_true",
                     help="use generated 500x375 JPEGs even when the Flickr8k photos exist")
     ap.add_argument("--work", default=None, help="keep the prepared folder here")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                    help="train.precision of the run measured (precision.py)")
     args = ap.parse_args()
 
     tmp = Path(args.work or tempfile.mkdtemp(prefix="data_speed_"))
@@ -128,7 +130,8 @@ def main() -> None:
         "encoder": {"backbone": args.backbone, "weights": args.weights, "grid": args.grid,
                     "image_size": args.size, "coords": False},
         "attention": {"dim": 512}, "decoder": {"embed_dim": 512, "hidden_dim": 512},
-        "train": {"batch_size": args.batch, "log_every": 10_000}})
+        "train": {"batch_size": args.batch, "log_every": 10_000,
+                  "precision": args.precision}})  # prepare's encoder and the training steps
     C.validate(cfg)
     torch.set_flush_denormal(True)
     if args.threads:

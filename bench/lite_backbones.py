@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from showattend import precision as P
+
 from showattend.data.images import Preprocessor
 from showattend.models.backbones import (BACKBONES, EncoderError, Normalisation,
                                          build_lite_classifier, lite_weights_path,
@@ -87,6 +89,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="dog photos to classify")
     ap.add_argument("--batches", type=int, default=4, help="timed batches of 32")
     ap.add_argument("--models", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "compare"), default="compare",
+                    help="speed of the encoder in fp32, in bf16, or both")
     args = ap.parse_args()
     photos = dog_photos(args.flickr, args.n)
     cats = categories()
@@ -126,6 +130,13 @@ def main() -> None:
         "same network, contiguous layout": lambda: contiguous.extract_features(x),
         "encoder + JPEG decode + preprocessing": lambda: enc(torch.stack([pre(p) for p in batch_paths])),
     }
+    if args.precision in ("bf16", "compare"):  # bf16 convolutions, channels_last (precision.py)
+        def bf16_run():
+            with P.compute("bf16", torch.device("cpu")):
+                return enc(x)
+        variants["encoder in bf16"] = bf16_run
+        if args.precision == "bf16":
+            variants = {k: v for k, v in variants.items() if "bf16" in k}
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
         enc(x)  # warm-up

@@ -282,3 +282,36 @@ def test_bf16_decoding_refines_the_top_logits() -> None:
     rest = torch.ones_like(refined, dtype=torch.bool).scatter_(1, top, False)
     assert torch.equal(refined[rest], rounded[rest])
     assert (rounded.gather(1, top) - exact.gather(1, top)).abs().max() > 1e-3  # it mattered
+
+
+def test_prepare_in_bf16_marks_the_cache_and_does_not_mix(tmp_path: Path) -> None:
+    """`prepare --precision bf16`: a float16 cache marked bf16 in the manifest, close to the fp32
+    one (bf16 convolutions: ~2⁻⁸ relative per rounding, a few percent after many layers); an
+    fp32 prepare over it is refused without --overwrite, with the difference named."""
+    import numpy as np
+
+    from showattend.data.prepared import PreparedDataError
+    from showattend.data.prepare import prepare
+
+    def cfg(prec: str, out: str):
+        return load_config("demo", [
+            f"data.root={tmp_path / 'data'}", f"data.prepared={tmp_path / out}",
+            "data.n_train=16", "data.n_val=4", "data.n_test=4", 'encoder.backbone="resnet50"',
+            'encoder.weights="none"', "encoder.image_size=64", "encoder.grid=2",
+            "encoder.coords=false", f'train.precision="{prec}"'])
+
+    prepare(cfg("fp32", "p32"), workers=0, progress=False)
+    res = prepare(cfg("bf16", "p16"), workers=0, progress=False)
+    meta = res.manifest["features"]
+    assert meta["precision"] == "bf16" and meta["dtype"] == "float16"
+    assert "precision" not in json.loads((tmp_path / "p32" / "manifest.json").read_text())[
+        "features"]
+    f32 = np.load(tmp_path / "p32" / "features.npy").astype(np.float64)
+    f16 = np.load(tmp_path / "p16" / "features.npy").astype(np.float64)
+    rel = np.abs(f32 - f16).sum() / np.abs(f32).sum()
+    assert 0 < rel < 0.05, rel
+    with pytest.raises(PreparedDataError, match="precision: bf16 -> fp32.*--overwrite"):
+        prepare(cfg("fp32", "p16"), workers=0, progress=False)
+    prepare(cfg("fp32", "p16"), workers=0, progress=False, overwrite=True)
+    assert "precision" not in json.loads((tmp_path / "p16" / "manifest.json").read_text())[
+        "features"]
