@@ -315,3 +315,24 @@ def test_prepare_in_bf16_marks_the_cache_and_does_not_mix(tmp_path: Path) -> Non
     prepare(cfg("fp32", "p16"), workers=0, progress=False, overwrite=True)
     assert "precision" not in json.loads((tmp_path / "p16" / "manifest.json").read_text())[
         "features"]
+
+
+def test_cli_commands_take_precision(trained, tmp_path, capsys, monkeypatch) -> None:
+    """caption / evaluate with --precision bf16 run through and say what they used; auto on a
+    host without fast bf16 is fp32 with no warning."""
+    tmp, run = trained
+    imgs = [str(p) for p in sorted((tmp / "data" / "images" / "test").glob("*.png"))[:2]]
+    assert main(["-q", "caption", *imgs, "--checkpoint", str(run), "--precision", "bf16",
+                 "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count('"caption"') == 2
+    assert main(["-q", "evaluate", "--checkpoint", str(run), "--precision", "bf16", "--out",
+                 str(tmp_path / "ev16")]) == 0
+    m = json.loads((tmp_path / "ev16" / "metrics_test_beam2.json").read_text())
+    assert m["bf16"] == 1.0
+    _fast(monkeypatch, False)
+    capsys.readouterr()
+    assert main(["-q", "evaluate", "--checkpoint", str(run), "--precision", "auto", "--out",
+                 str(tmp_path / "ev32")]) == 0
+    m = json.loads((tmp_path / "ev32" / "metrics_test_beam2.json").read_text())
+    assert m["bf16"] == 0.0 and "warning" not in capsys.readouterr().err
