@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from precision_util import Yardsticks
+
 from showattend import precision
 
 from decoder_flops import build, captions_batch, sync, timed_train_step
@@ -58,6 +60,8 @@ def main() -> None:
     args = ap.parse_args()
     global PREC
     PREC = args.precision
+    sticks = Yardsticks(torch.device("cpu"))  # fp32 and bf16 matmul rates of this run
+    sticks.measure()
     dev = torch.device(args.device)
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
@@ -87,6 +91,9 @@ def main() -> None:
     print(f"training step (batch 32): eager {t_e:.2f} s, compiled {t_c:.2f} s "
           f"({t_e / t_c:.2f}x; first compiled step {first_c:.1f} s, recompiles as lengths "
           f"change are inside the mean)")
+
+    sticks.measure()
+    print(sticks.line())
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from precision_util import Yardsticks
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
@@ -111,6 +113,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                     help="train.precision of the run measured (precision.py)")
     args = ap.parse_args()
+    sticks = Yardsticks(torch.device("cpu"))  # fp32 and bf16 matmul rates of this run
+    sticks.measure()
 
     tmp = Path(args.work or tempfile.mkdtemp(prefix="data_speed_"))
     photos, text = _find(PHOTOS, "images"), _find(TEXT, "Flickr8k.token.txt")
@@ -179,6 +183,9 @@ def main() -> None:
     print(json.dumps({"store_samples_per_s": round(s_store, 2), "jpeg_samples_per_s":
                       round(s_jpeg, 2), "train_cache_samples_per_s": round(results["cache"], 2),
                       "train_store_samples_per_s": round(results["store"], 2)}))
+
+    sticks.measure()
+    print(sticks.line())
 
 
 if __name__ == "__main__":

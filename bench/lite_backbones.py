@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from precision_util import Yardsticks
+
 from showattend import precision as P
 
 from showattend.data.images import Preprocessor
@@ -92,6 +94,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16", "compare"), default="compare",
                     help="speed of the encoder in fp32, in bf16, or both")
     args = ap.parse_args()
+    sticks = Yardsticks(torch.device("cpu"))  # fp32 and bf16 matmul rates of this run
+    sticks.measure()
     photos = dog_photos(args.flickr, args.n)
     cats = categories()
     print(f"torch threads: {torch.get_num_threads()}; {len(photos)} dog photos from the test split")
@@ -148,6 +152,9 @@ def main() -> None:
     for label, ts in times.items():
         print(f"{name} {label}: {32 / statistics.median(ts):.1f} img/s "
               f"(median of {len(ts)} batches of 32; best {32 / min(ts):.1f})")
+    sticks.measure()
+    print(sticks.line())
+
 
 if __name__ == "__main__":
     main()
