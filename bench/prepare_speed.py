@@ -56,7 +56,8 @@ def main() -> None:
     if len(speed) == 2:
         f, b = feats["fp32"], feats["bf16"]
         ok = np.isfinite(f) & np.isfinite(b)  # random weights can overflow float16
-        rel = float(np.abs(f - b)[ok].sum() / max(np.abs(f)[ok].sum(), 1e-12))
+        with np.errstate(invalid="ignore"):  # inf − inf where both overflowed: masked out
+            rel = float(np.abs(f - b)[ok].sum() / max(np.abs(f)[ok].sum(), 1e-12))
         print(f"bf16 / fp32, same run: prepare's features {speed['bf16'] / speed['fp32']:.2f}× "
               f"(target ≥ 3× with AMX); the bf16 cache differs from the fp32 one by {rel:.2%} "
               f"(summed |difference| / summed |value|, over the {ok.mean():.1%} of values finite in "
