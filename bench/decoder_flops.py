@@ -25,7 +25,6 @@ input (the cached features) needs no gradient: one more.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -104,3 +105,20 @@ def trained(tmp_path_factory):
     cfg = write_config(tmp)
     assert main(["-q", "train", "--config", str(cfg)]) == 0
     return tmp, tmp / "run_soft"
+
+
+def signal_at_step(monkeypatch, n: int, sig: int = signal.SIGTERM):
+    """Make the n-th training step (counted from now) send ``sig`` to this process — a run
+    interrupted mid-epoch; returns the real ``train_step`` to put back for the resume."""
+    import showattend.train.loop as L
+
+    real, calls = L.train_step, {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), sig)
+        return real(*a, **k)
+
+    monkeypatch.setattr(L, "train_step", step)
+    return real

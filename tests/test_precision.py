@@ -6,7 +6,6 @@ only speed lives in bench/."""
 from __future__ import annotations
 
 import inspect
-import os
 import json
 import warnings
 from pathlib import Path
@@ -14,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_batch, tiny_model, tiny_toml
+from conftest import signal_at_step, tiny_batch, tiny_model, tiny_toml
 from showattend import evaluation, loading
 from showattend import precision as P
 from showattend.checkpoint import load_checkpoint
 from showattend.cli import build_parser, main
 from showattend.config import ConfigError, load_config
-from showattend.decoding import decode
 from showattend.models import packed
 from showattend.runtime import autocast
 from showattend.train import TrainState, fit, train_step
@@ -232,8 +230,6 @@ def test_bf16_decoding_agrees_and_checkpoints_are_fp32(two_runs) -> None:
 def test_bf16_run_resumes_bit_exact_mid_epoch(tmp_path: Path, monkeypatch) -> None:
     """A bf16 run stopped mid-epoch and resumed ends with the uninterrupted run's weights and
     optimiser state, bit for bit (the bf16 weight copies are made afresh every step)."""
-    import signal
-
     import showattend.train.loop as L
 
     def cfg_for(out: str):
@@ -243,15 +239,7 @@ def test_bf16_run_resumes_bit_exact_mid_epoch(tmp_path: Path, monkeypatch) -> No
         return load_config(path)
 
     fit(cfg_for("ref"), progress=False, evaluate_test=False)
-    real_step, calls = L.train_step, {"n": 0}
-
-    def step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 9:  # epoch 2, batch 3 of 6
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(L, "train_step", step)
+    real_step = signal_at_step(monkeypatch, 9)  # epoch 2, batch 3 of 6
     assert fit(cfg_for("run"), progress=False, evaluate_test=False).interrupted
     monkeypatch.setattr(L, "train_step", real_step)
     fit(cfg_for("run"), resume=True, progress=False, evaluate_test=False)

@@ -49,7 +49,7 @@ from showattend.io import atomic_torch_save, atomic_write_bytes
 from showattend.models.captioner import Captioner
 from showattend.vocab import Vocab
 
-from conftest import tiny_toml
+from conftest import signal_at_step, tiny_toml
 
 EXE = Path(sys.executable).with_name("showattend")
 
@@ -753,16 +753,7 @@ def test_cosine_schedule_steps_down_and_resumes_bit_identical(quiet, shapes_data
         assert r["lr"] == pytest.approx(T.lr_at(base, 0, 0.5, "cosine", r["step"] - 1, total, 0.1))
     assert logged[0]["lr"] == pytest.approx(base) and logged[-1]["lr"] < 0.2 * base
 
-    real_step = L.train_step
-    calls = {"n": 0}
-
-    def step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 9:  # epoch 2, batch 3 of 6
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*a, **k)
-
-    quiet.setattr(L, "train_step", step)
+    real_step = signal_at_step(quiet, 9)  # epoch 2, batch 3 of 6
     cfg = tiny_cfg(tmp_path, shapes_data, *sched, out="cut")
     assert run_fit(cfg, evaluate_test=False).interrupted
     quiet.setattr(L, "train_step", real_step)

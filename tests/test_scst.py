@@ -4,8 +4,6 @@ estimator's gradient, the baseline, and a run that resumes bit for bit."""
 from __future__ import annotations
 
 import collections
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 import torch
 
 import showattend.train.loop as L
-from conftest import tiny_model, tiny_toml
+from conftest import signal_at_step, tiny_model, tiny_toml
 from showattend import config as C
 from showattend.checkpoint import load_checkpoint
 from showattend.cider import CiderD
@@ -216,16 +214,7 @@ def test_scst_run_from_a_cross_entropy_checkpoint_resumes_bit_identical(shapes_d
         assert len(log) == 2 * 4  # an epoch visits each of the 32 images once: 4 batches of 8
         assert all('"greedy_cider"' in ln and '"reward"' in ln for ln in log)
 
-        real_step = L.train_step
-        calls = {"n": 0}
-
-        def step(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == 6:  # epoch 2, batch 2 of 4
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real_step(*a, **k)
-
-        monkeypatch.setattr(L, "train_step", step)
+        real_step = signal_at_step(monkeypatch, 6)  # epoch 2, batch 2 of 4
         cut = _cfg(tmp_path, shapes_data, "cut", *sc)
         assert fit(cut, progress=False, evaluate_test=False).interrupted
         monkeypatch.setattr(L, "train_step", real_step)
