@@ -115,7 +115,9 @@ def resolve(requested: str, device: torch.device, what: str = "this run", warn=N
 def choose(requested: str, device: torch.device, what: str) -> str:
     """:func:`resolve`, with the warning and the choice (``describe``) in the log."""
     chosen = resolve(requested, device, what, warn=log.warning)
-    log.info("precision: %s", describe(requested, chosen, device))
+    # said when there is news (auto's choice, or bf16); plain fp32, the default, stays quiet
+    log.log(logging.DEBUG if requested == "fp32" else logging.INFO, "precision: %s",
+            describe(requested, chosen, device))
     return chosen
 
 

@@ -238,7 +238,7 @@ def _resolve_precision(cfg: C.Config, device: torch.device, main: bool) -> C.Con
     """train.precision "auto" made concrete for this device (said once, saved with the run)."""
     chosen = precision.resolve(cfg.train.precision, device, "training",
                                warn=log.warning if main else (lambda _s: None))
-    if main:
+    if main and cfg.train.precision != "fp32":
         log.info("precision: %s", precision.describe(cfg.train.precision, chosen, device))
     return C.replace(cfg, train={"precision": chosen}) if chosen != cfg.train.precision else cfg
 
