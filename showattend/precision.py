@@ -210,7 +210,9 @@ class _Bf16Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
-    """F.linear(x, weight, bias), in bf16 inside a CPU bf16 block (float32 in and out)."""
+    """F.linear(x, weight, bias), in bf16 inside a CPU bf16 block (float32 in and out).
+    ``weight``: a parameter or a view of one — its bf16 copy is kept for the block by address,
+    which only a tensor alive for the whole block can own."""
     scope = active()
     if scope is None or x.dtype != torch.float32 or x.device.type != "cpu" or \
             weight.dtype != torch.float32:

@@ -97,9 +97,8 @@ class Decoder(nn.Module):
 
     def _output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Deep output: (P, E), (P, N), (P, D) → logits (P, V) for any number P of positions."""
-        if precision.active() is not None and all(
-                type(m) is nn.Linear for m in (self.L_o, getattr(self, "L_h", self.L_o),
-                                               getattr(self, "L_z", self.L_o))):
+        layers = [self.L_o] + ([self.L_h, self.L_z] if self.deep_output else [])
+        if precision.active() is not None and all(type(m) is nn.Linear for m in layers):
             lin = precision.linear  # bf16 products, float32 in and out (precision.py)
             if self.deep_output:
                 u = emb + lin(h, self.L_h.weight, self.L_h.bias) + lin(z, self.L_z.weight)

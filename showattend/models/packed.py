@@ -51,41 +51,44 @@ class Packed:
                                                   "")
 
 
-class PackedBf16(Packed):
-    """The same product with W packed in bf16 (precision.py): x is rounded to bf16, the result
-    comes back float32 and the float32 bias is added there."""
-
-    bf16 = True
-
-    def __init__(self, weight: torch.Tensor, rows: int | None,
-                 bias: torch.Tensor | None = None):
-        self._w = torch.ops.mkldnn._reorder_linear_weight(
-            weight.detach().to(torch.bfloat16).contiguous(), rows)
-        self._b = None if bias is None else bias.detach().float().contiguous()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), self._w, None,
-                                               "none", [], "").float()
-        return y.add_(self._b) if self._b is not None else y
-
-
 class PlainBf16:
-    """:class:`PackedBf16`'s arithmetic without oneDNN: x and W rounded to bf16, a plain
-    product (bf16 emulated where the CPU has no bf16 units), float32 out, bias added there."""
+    """x ↦ x Wᵀ + b in bf16 (precision.py): x and W rounded to bf16, a plain product (bf16
+    emulated where the CPU has no bf16 units), float32 out, the float32 bias added there."""
 
     bf16 = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self._w = weight.detach().to(torch.bfloat16).t().contiguous()  # (in, out)
+        self._w = self._prepare(weight.detach().to(torch.bfloat16))
         self._b = None if bias is None else bias.detach().float().contiguous()
 
+    def _prepare(self, w16: torch.Tensor) -> torch.Tensor:
+        return w16.t().contiguous()  # (in, out)
+
+    def _product(self, x16: torch.Tensor) -> torch.Tensor:
+        return x16.mm(self._w)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.to(torch.bfloat16).mm(self._w).float()
+        y = self._product(x.to(torch.bfloat16).contiguous()).float()
         return y.add_(self._b) if self._b is not None else y
 
 
+class PackedBf16(PlainBf16):
+    """The same arithmetic with W packed in bf16 by oneDNN for about ``rows`` rows."""
+
+    def __init__(self, weight: torch.Tensor, rows: int | None,
+                 bias: torch.Tensor | None = None):
+        self._rows = rows
+        super().__init__(weight, bias)
+
+    def _prepare(self, w16: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(w16.contiguous(), self._rows)
+
+    def _product(self, x16: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x16, self._w, None, "none", [], "")
+
+
 def pack(weight: torch.Tensor, rows: int | None, bias: torch.Tensor | None = None,
-         bf16: bool = False) -> Packed | None:
+         bf16: bool = False) -> Packed | PlainBf16 | None:
     """``weight`` (out, in) (and ``bias`` (out,)) packed for products with about ``rows`` rows
     (None: any), in bf16 if ``bf16``; or None where packing does not apply (not an fp32 CPU
     tensor, torch without oneDNN (or its bf16), an autocast region)."""

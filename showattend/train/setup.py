@@ -236,10 +236,8 @@ def _devices_and_splits(cfg: C.Config, splits: Splits | None, progress: bool
 
 def _resolve_precision(cfg: C.Config, device: torch.device, main: bool) -> C.Config:
     """train.precision "auto" made concrete for this device (said once, saved with the run)."""
-    chosen = precision.resolve(cfg.train.precision, device, "training",
-                               warn=log.warning if main else (lambda _s: None))
-    if main and cfg.train.precision != "fp32":
-        log.info("precision: %s", precision.describe(cfg.train.precision, chosen, device))
+    chosen = precision.choose(cfg.train.precision, device, "training") if main else \
+        precision.resolve(cfg.train.precision, device, "training", warn=lambda _s: None)
     return C.replace(cfg, train={"precision": chosen}) if chosen != cfg.train.precision else cfg
 
 
