@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from showattend.vocab import PAD_ID
 
 
-def token_nll(logits, targets: torch.Tensor) -> torch.Tensor:
+def token_nll(logits, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """Per-token negative log-likelihood (B, T); padded targets give 0.
+
+    ``smoothing`` = ε > 0: cross-entropy against (1 − ε)·one-hot + ε/V instead (label smoothing).
 
     ``logits``: a (B, T, V) tensor, or the model's teacher-forced output, whose packed rows
     (one per computed position) are scored where they are: no (B, T, V) copy, no softmax over
@@ -29,17 +31,18 @@ def token_nll(logits, targets: torch.Tensor) -> torch.Tensor:
     if hasattr(logits, "packed_logits"):  # models.captioner.CaptionerOutput
         b_idx, t_idx = logits.positions[:, 0], logits.positions[:, 1]  # (P,)
         nll_p = F.cross_entropy(logits.packed_logits, targets[b_idx, t_idx], reduction="none",
-                                ignore_index=PAD_ID)  # (P,)
+                                ignore_index=PAD_ID, label_smoothing=smoothing)  # (P,)
         return nll_p.new_zeros(targets.shape).index_put((b_idx, t_idx), nll_p)  # (B, T)
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
-                          ignore_index=PAD_ID)  # (B, T)
+                          ignore_index=PAD_ID, label_smoothing=smoothing)  # (B, T)
     return nll
 
 
-def masked_cross_entropy(logits, targets: torch.Tensor) -> torch.Tensor:
-    """Mean NLL over non-padded tokens: logits (B, T, V) or the model output, targets (B, T)."""
+def masked_cross_entropy(logits, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean NLL over non-padded tokens: logits (B, T, V) or the model output, targets (B, T);
+    ``smoothing``: label smoothing ε (token_nll)."""
     mask = targets != PAD_ID
-    return token_nll(logits, targets).sum() / mask.sum().clamp_min(1)
+    return token_nll(logits, targets, smoothing).sum() / mask.sum().clamp_min(1)
 
 
 def doubly_stochastic(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

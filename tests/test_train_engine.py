@@ -15,6 +15,7 @@ from conftest import tiny_batch, tiny_model, tiny_toml
 from showattend import config as C
 from showattend import distributed as D
 from showattend.config import Config, load_config
+from showattend.losses import masked_cross_entropy
 from showattend.train import fit
 from showattend.train.objectives import (OBJECTIVES, CrossEntropy, HardAttention, Objective,
                                          objective_for, train_step)
@@ -126,3 +127,49 @@ def test_objectives_give_finite_losses_and_their_records(kind):
     obj = objective_for(C.replace(Config(), hard={"mix_mode": "off"}), model)
     loss, rec = obj.loss(model, imgs, caps, TrainState())
     assert torch.isfinite(loss) and set(rec) <= set(obj.curve_keys) | {"soft_batch"}
+
+
+def test_label_smoothing_is_the_smoothed_target_cross_entropy_of_the_objective():
+    """ε = 0.2 over V words: loss = (1 − ε)·NLL + ε·mean_v(−log p_v) per real token, by hand in
+    float64; the cross-entropy objective uses it (config key), ε = 0 is the plain NLL."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    targets = torch.tensor([[3, 1, 0], [5, 0, 0]])  # 0 = <pad>
+    logp = torch.log_softmax(logits, -1)
+    eps, mask = 0.2, targets != 0
+    want = -(1 - eps) * logp.gather(-1, targets[..., None])[..., 0] - eps * logp.mean(-1)
+    want = (want * mask).sum() / mask.sum()
+    assert math.isclose(float(masked_cross_entropy(logits, targets, eps)), float(want), rel_tol=1e-12)
+    plain = -(logp.gather(-1, targets[..., None])[..., 0] * mask).sum() / mask.sum()
+    assert math.isclose(float(masked_cross_entropy(logits, targets)), float(plain), rel_tol=1e-12)
+    # through the objective: the same model and batch, ε from the config
+    model = tiny_model("soft").eval()
+    imgs, caps = tiny_batch(b=4)
+    ce = {}
+    for e in (0.0, 0.1):
+        cfg = C.replace(Config(), train={"label_smoothing": e})
+        _, rec = objective_for(cfg, model).loss(model, imgs, caps, TrainState())
+        ce[e] = rec["ce"]
+    with torch.no_grad():
+        out = model(imgs, caps)
+    assert math.isclose(ce[0.0], float(masked_cross_entropy(out, caps[:, 1:])), rel_tol=1e-5)
+    assert math.isclose(ce[0.1], float(masked_cross_entropy(out, caps[:, 1:], 0.1)), rel_tol=1e-5)
+    assert ce[0.1] > ce[0.0]  # smoothing adds the (larger) mean over all words
+
+
+@pytest.mark.parametrize("bad,msg", [({"train": {"label_smoothing": 1.0}}, "in [0, 1)"),
+                                     ({"train": {"label_smoothing": 0.1},
+                                       "attention": {"kind": "hard"}}, "cross-entropy objective")])
+def test_label_smoothing_bad_values_are_refused(bad, msg):
+    with pytest.raises(C.ConfigError, match=msg.replace("[", r"\[").replace(")", r"\)")):
+        C.validate(C.replace(Config(), **bad))
+
+
+def test_epoch_line_shows_the_measures_a_run_has_and_no_nan():
+    from showattend.train.validation import epoch_line
+    photo = {"BLEU-4": 0.1725, "grounding": float("nan"), "correctness": 0.7241,
+             "pointing": 0.819}
+    assert epoch_line(1, "BLEU-4", photo, 0.1725, 1, 334.4) == (
+        "epoch 1: val BLEU-4 0.1725 (best 0.1725 @ 1), correctness 0.724, pointing 0.819, 334s")
+    assert epoch_line(3, "CIDEr", {"CIDEr": 2.5, "grounding": 0.9}, 2.6, 2, 10) == (
+        "epoch 3: val CIDEr 2.5000 (best 2.6000 @ 2), grounding 0.900, 10s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from showattend import distributed as D
 from showattend.evaluation import decode_records, score_results
@@ -10,7 +11,7 @@ from showattend.progress import write
 from showattend.train.schedule import record_validation, should_stop
 from showattend.train.setup import Run
 
-__all__ = ["validate", "close_epoch"]
+__all__ = ["validate", "close_epoch", "epoch_line"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,17 @@ def validate(run: Run, progress: bool) -> dict[str, float]:
     return D.broadcast(val, dist)
 
 
+def epoch_line(epoch: int, metric: str, val: dict[str, float], best: float, best_epoch: int,
+               elapsed: float) -> str:
+    """The epoch's one progress line: the selection metric, then the built-in data's grounding
+    (known objects) and the photos' box measures where they exist — a photo run has no
+    built-in grounding, and "nan" would say nothing."""
+    shown = "".join(f"{k} {val[k]:.3f}, " for k in ("grounding", "correctness", "pointing")
+                    if k in val and math.isfinite(val[k]))
+    return (f"epoch {epoch}: val {metric} {val.get(metric, 0.0):.4f} (best {best:.4f} @ "
+            f"{best_epoch}), {shown}{elapsed:.0f}s")
+
+
 def close_epoch(run: Run, val: dict[str, float], progress: bool) -> bool:
     """Book the epoch's validation (best, plateau, decays), log it, write best.pt (when it is
     the best) and last.pt, draw the curves. Returns whether to stop early."""
@@ -48,11 +60,8 @@ def close_epoch(run: Run, val: dict[str, float], progress: bool) -> bool:
     run.save("last.pt")
     run.files.plot()
     if progress:
-        photo = (f", correctness {val['correctness']:.3f}, pointing {val['pointing']:.3f}"
-                 if "correctness" in val else "")
-        write(f"epoch {state.epoch}: val {cfg.train.val_metric} {metric:.4f} "
-              f"(best {state.best:.4f} @ {state.best_epoch}), "
-              f"grounding {val.get('grounding', float('nan')):.3f}{photo}, {state.elapsed:.0f}s")
+        write(epoch_line(state.epoch, cfg.train.val_metric, val, state.best, state.best_epoch,
+                         state.elapsed))
     if should_stop(state, cfg.train):
         log.info("early stop: no improvement in %d epochs", state.bad_epochs)
         return True

@@ -42,7 +42,7 @@ class CrossEntropy(Objective):
         # weighted by its share of the global batch, so the step is that of one process on it
         w_tok = self.token_weight(int(mask.sum()))
         out = model(imgs, caps, feats=imgs if features else None)
-        ce = masked_cross_entropy(out, targets)
+        ce = masked_cross_entropy(out, targets, self.cfg.train.label_smoothing)
         ds = doubly_stochastic(out.alphas, mask)
         loss = w_tok * ce + self.cfg.train.alpha_c * self.token_weight(len(caps)) * ds
         return out, loss, {"loss": 0.0, "ce": ce.item(), "ds": ds.item()}
