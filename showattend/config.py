@@ -136,9 +136,7 @@ class TrainConfig:
     lr: float = 2e-3
     encoder_lr: float = 0.0  # 0 = same as lr (only for trainable encoder parameters)
     weight_decay: float = 0.0
-    # cross-entropy against (1 − ε)·one-hot + ε/V: the teacher-forced word loss only (the
-    # logged "ce" is the smoothed loss; rewards, validation and scores use the plain one)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # ε: word targets (1 − ε)·one-hot + ε/V, cross-entropy only
     grad_clip: float = 5.0  # max gradient norm (0 = no clipping)
     alpha_c: float = 1.0  # λ of the doubly stochastic penalty
     lr_decay: float = 0.5  # factor on plateau of the validation metric
@@ -355,13 +353,7 @@ def validate(cfg: Config) -> None:
     for section, key in non_negative:
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{section}.{key} must be >= 0")
-    if not 0.0 <= cfg.train.label_smoothing < 1.0:
-        raise ConfigError("train.label_smoothing must be in [0, 1)")
-    if cfg.train.label_smoothing > 0 and (cfg.attention.kind in ("hard", "glimpse_hard")
-                                          or cfg.train.objective == "scst"):
-        raise ConfigError("train.label_smoothing smooths the cross-entropy objective only; "
-                          "hard attention's and SCST's rewards are plain log-likelihoods / "
-                          "CIDEr-D: set it to 0")
+    _check_label_smoothing(cfg)
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
         if not dataclasses.is_dataclass(sub):
@@ -428,6 +420,15 @@ def _validate_attention_family(cfg: Config) -> None:
     if e.self_attention_dim % e.self_attention_heads:
         raise ConfigError(f"encoder.self_attention_dim = {e.self_attention_dim} must be divisible "
                           f"by encoder.self_attention_heads = {e.self_attention_heads}")
+
+
+def _check_label_smoothing(cfg: Config) -> None:
+    ls = cfg.train.label_smoothing
+    if not 0.0 <= ls < 1.0:
+        raise ConfigError("train.label_smoothing must be in [0, 1)")
+    if ls > 0 and (cfg.attention.kind in ("hard", "glimpse_hard") or cfg.train.objective == "scst"):
+        raise ConfigError("train.label_smoothing smooths the cross-entropy objective only; hard "
+                          "attention's and SCST's rewards are plain log-likelihoods / CIDEr-D")
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
