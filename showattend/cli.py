@@ -28,6 +28,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from showattend.data.coco import DataFormatError
     from showattend.data.entities import EntitiesError
     from showattend.data.images import ImageLoadError
+    from showattend.ensemble import EnsembleError
     from showattend.models.encoder import EncoderError
     from showattend.quantize import QuantizationError
     from showattend.runtime import TrainingError
@@ -35,7 +36,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (UserError, ConfigError, DataFormatError, ImageLoadError, CheckpointError,
             EncoderError, TrainingError, VocabError, QuantizationError, EntitiesError,
-            OSError)  # OSError: missing file, disk full…
+            EnsembleError, OSError)  # OSError: missing file, disk full…
 
 
 class _Parser(argparse.ArgumentParser):
@@ -333,6 +334,13 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from showattend.ensemble import join_checkpoints
+
+    print(json.dumps(join_checkpoints(args.checkpoint, args.out, name=args.name or "")))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from showattend.serve import serve
 
@@ -491,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the model file to write")
     x.add_argument("--name", help="the registry name it will have (sets its config's name)")
     x.set_defaults(func=cmd_export_model)
+
+    en = sub.add_parser("ensemble", help="join checkpoints of one model trained from different "
+                        "seeds into one checkpoint that decodes with all of them")
+    en.add_argument("--checkpoint", action="append", required=True,
+                    help="checkpoint or run directory; repeat (at least 2)")
+    en.add_argument("--out", required=True, help="the ensemble checkpoint to write")
+    en.add_argument("--name", help="its config name (default: the first member's + _xN)")
+    en.set_defaults(func=cmd_ensemble)
 
     sv = sub.add_parser("serve", help="local web page: drop a photo, inspect its attention")
     sv.add_argument("--checkpoint", action="append", metavar="[NAME=]PATH",

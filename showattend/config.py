@@ -94,6 +94,8 @@ class DecoderConfig:
     dropout: float = 0.3
     beta: str = "scalar"  # gating scalar β: "none" | "scalar" | "channel"
     deep_output: bool = True
+    # decoders decoding as one (models/ensemble.py); written by `showattend ensemble`, never trained
+    ensemble: int = 1
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,8 @@ def validate(cfg: Config) -> None:
     _validate_attention_family(cfg)
     if not 0.0 <= cfg.decoder.dropout < 1.0:
         raise ConfigError("decoder.dropout must be in [0, 1)")
+    if cfg.decoder.ensemble < 1:
+        raise ConfigError("decoder.ensemble must be >= 1 (the number of decoders decoding as one)")
     if not 0.0 <= cfg.hard.baseline_decay < 1.0:
         raise ConfigError("hard.baseline_decay must be in [0, 1)")
     if cfg.hard.lambda_r < 0 or cfg.hard.lambda_e < 0 or cfg.train.alpha_c < 0:

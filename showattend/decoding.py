@@ -9,6 +9,7 @@ caption even when no beam ended by itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -94,7 +95,9 @@ def _packed_weights(fn: Callable[..., Decoded]) -> Callable[..., Decoded]:
 
     @functools.wraps(fn)
     def run(model, *args, **kwargs) -> Decoded:
-        with decoding(model.decoder):
+        with contextlib.ExitStack() as packs:  # an ensemble packs each member's weights
+            for dec in getattr(model.decoder, "members", (model.decoder,)):
+                packs.enter_context(decoding(dec))
             return fn(model, *args, **kwargs)
 
     return run

@@ -99,7 +99,8 @@ def test_beam_one_equals_greedy(attention):
     assert_close_fp32(g.alphas, b.alphas, k=12 * STEP_K)
 
 
-def image_dependent_model(attention: str = "soft") -> tuple[torch.nn.Module, torch.Tensor]:
+def image_dependent_model(attention: str = "soft", seed: int = 0
+                          ) -> tuple[torch.nn.Module, torch.Tensor]:
     """A tiny model and annotations (6, 16, 18) for which every image gets its own caption.
 
     The untrained tiny model captions every image alike (its logits are dominated by the
@@ -107,7 +108,7 @@ def image_dependent_model(attention: str = "soft") -> tuple[torch.nn.Module, tor
     the annotations differ strongly between images and the decoder's state and context paths are
     scaled up, so the image decides the words.
     """
-    model = tiny_model(attention, vocab_size=12).eval()
+    model = tiny_model(attention, vocab_size=12, seed=seed).eval()
     if attention == "hard":
         model.test_mode = "argmax"
     with torch.no_grad():

@@ -9,6 +9,7 @@ from torch import nn
 
 from showattend.models.attention import Memory
 from showattend.models.decoder import Decoder
+from showattend.models.ensemble import EnsembleDecoder
 from showattend.models.encoder import Encoder, build_encoder
 from showattend.models.glimpse import pack_pixels
 from showattend.models.kinds import AttentionArgs, build_attention
@@ -78,20 +79,27 @@ class Captioner(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int) -> Captioner:
-        """Map a Config to explicit constructor arguments (tests build models without configs)."""
+        """Map a Config to explicit constructor arguments (tests build models without configs).
+        ``decoder.ensemble`` = N > 1: N decoders on the one encoder, decoding as one."""
         enc = build_encoder(cfg.encoder.backbone, cfg.encoder.weights, cfg.encoder.grid,
                             cfg.encoder.channels, cfg.encoder.coords, cfg.encoder.fine_tune_blocks)
         a, e = cfg.attention, cfg.encoder
-        return cls.build(enc, vocab_size, attention=a.kind, score=a.score,
-                         attn_dim=a.dim, window=a.window,
-                         mc_samples=a.mc_samples, embed_dim=cfg.decoder.embed_dim,
-                         hidden_dim=cfg.decoder.hidden_dim, dropout=cfg.decoder.dropout,
-                         beta=cfg.decoder.beta, deep_output=cfg.decoder.deep_output,
-                         test_mode=a.test_mode, heads=a.heads, local_window=a.local_window,
-                         local_sigma=a.local_sigma, glimpse_size=a.glimpse_size,
-                         self_attention_layers=e.self_attention_layers,
-                         self_attention_heads=e.self_attention_heads,
-                         self_attention_dim=e.self_attention_dim)
+        args = dict(attention=a.kind, score=a.score, attn_dim=a.dim, window=a.window,
+                    mc_samples=a.mc_samples, embed_dim=cfg.decoder.embed_dim,
+                    hidden_dim=cfg.decoder.hidden_dim, dropout=cfg.decoder.dropout,
+                    beta=cfg.decoder.beta, deep_output=cfg.decoder.deep_output,
+                    test_mode=a.test_mode, heads=a.heads, local_window=a.local_window,
+                    local_sigma=a.local_sigma, glimpse_size=a.glimpse_size,
+                    self_attention_layers=e.self_attention_layers,
+                    self_attention_heads=e.self_attention_heads,
+                    self_attention_dim=e.self_attention_dim)
+        n = cfg.decoder.ensemble
+        if n == 1:
+            return cls.build(enc, vocab_size, **args)
+        if e.self_attention_layers:
+            raise ValueError("ensembles of models with self-attention layers are not built")
+        members = [cls.build(enc, vocab_size, **args).decoder for _ in range(n)]
+        return cls(enc, EnsembleDecoder(members), "expectation")
 
     @classmethod
     def build(cls, encoder: Encoder, vocab_size: int, attention: str = "soft",

@@ -36,6 +36,9 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
     denormals) are restored on return, so calling ``fit`` from a notebook, an API user's program
     or a test session leaves the caller's numerics as they were.
     """
+    if cfg.decoder.ensemble > 1:
+        raise C.ConfigError("decoder.ensemble > 1 decodes only: train each member with its own "
+                            "train.seed, then join them with `showattend ensemble`")
     with process_settings():
         try:
             run = setup_run(cfg, resume, progress, splits)

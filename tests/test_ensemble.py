@@ -1,0 +1,176 @@
+"""Ensembles: N decoders over one encoder decoding as one (models/ensemble.py, ensemble.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from showattend.decoding import beam_search, greedy
+from showattend.models.captioner import Captioner
+from showattend.models.ensemble import EnsembleDecoder
+from showattend.vocab import START_ID
+from test_model import image_dependent_model
+from tolerances import STEP_K, assert_close_fp32
+
+
+def _pair():
+    """Two different image-dependent tiny models, their ensemble and the annotations (6, 16, 18)."""
+    a, feats = image_dependent_model("soft", seed=0)
+    b, _ = image_dependent_model("soft", seed=1)
+    ens = Captioner(a.encoder, EnsembleDecoder([a.decoder, b.decoder])).eval()
+    return a, b, ens, feats
+
+
+def _member_logps(model, feats, caps):
+    """Teacher-forced log p(w_t | w_<t) (1, T, V) of one member for one caption."""
+    with torch.no_grad():
+        return torch.log_softmax(model(None, caps, feats=feats).logits[0].double(), -1)
+
+
+def test_one_step_is_the_mean_of_the_members_distributions():
+    a, b, ens, feats = _pair()
+    prev = torch.full((6,), START_ID, dtype=torch.long)
+    with torch.no_grad():
+        outs = [m.decoder.step(m.memory(feats), m.decoder.init_state(feats), prev, "expectation")
+                for m in (a, b)]
+        got = ens.decoder.step(ens.memory(feats), ens.decoder.init_state(feats), prev, "expectation")
+    p = sum(torch.softmax(o.logits.double(), -1) for o in outs) / 2  # (B, V) float64
+    assert_close_fp32(got.logits.double().exp(), p, k=STEP_K)
+    # already normalised: decoding's log-softmax leaves it as it is
+    assert_close_fp32(torch.log_softmax(got.logits, -1), got.logits, k=STEP_K)
+    assert_close_fp32(got.attn.alpha, (outs[0].attn.alpha + outs[1].attn.alpha) / 2, k=STEP_K)
+    # the members disagree, so the mean is not one of them (the test can tell them apart)
+    assert (torch.softmax(outs[0].logits, -1) - torch.softmax(outs[1].logits, -1)).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_decoded_captions_score_as_the_members_mean(beam):
+    """Each caption the ensemble decodes, re-scored by running the members one by one with
+    teacher forcing and averaging their probabilities word by word, has the decoder's score and
+    attention maps: catches a member's state or memory split, reordered or swapped."""
+    a, b, ens, feats = _pair()
+    out = beam_search(ens, feats, beam=beam, max_len=10) if beam > 1 else greedy(ens, feats, 10)
+    assert len({tuple(t.tolist()) for t in out.tokens}) > 1  # the images get their own captions
+    for i in range(6):
+        n = int(out.lengths[i])
+        caps = torch.cat([torch.tensor([START_ID]), out.tokens[i, : n + 1]])[None]
+        f = feats[i: i + 1]
+        logp = torch.logsumexp(torch.stack([_member_logps(m, f, caps) for m in (a, b)]), 0) \
+            - torch.log(torch.tensor(2.0, dtype=torch.float64))
+        score = logp.gather(1, caps[0, 1:].unsqueeze(1)).sum()
+        assert_close_fp32(out.scores[i].double(), score, k=10 * STEP_K)
+        with torch.no_grad():
+            maps = (a(None, caps, feats=f).alphas[0] + b(None, caps, feats=f).alphas[0]) / 2
+        assert_close_fp32(out.alphas[i, : n + 1], maps, k=10 * STEP_K)
+
+
+def test_an_ensemble_of_copies_decodes_like_the_model():
+    a, _, _, feats = _pair()
+    twin = Captioner(a.encoder, EnsembleDecoder([a.decoder, copy.deepcopy(a.decoder)])).eval()
+    for dec in (lambda m: beam_search(m, feats, beam=3, max_len=10),
+                lambda m: greedy(m, feats, 10)):
+        one, two = dec(a), dec(twin)
+        assert torch.equal(one.tokens, two.tokens)
+        assert_close_fp32(two.scores, one.scores, k=10 * STEP_K)
+
+
+def test_members_must_be_alike():
+    a, _, _, _ = _pair()
+    with pytest.raises(ValueError, match="at least 2"):
+        EnsembleDecoder([a.decoder])
+    other, _ = image_dependent_model("soft", seed=1)
+    other.decoder.vocab_size = 13
+    with pytest.raises(ValueError, match="differ"):
+        EnsembleDecoder([a.decoder, other.decoder])
+    hard, _ = image_dependent_model("hard", seed=1)
+    with pytest.raises(ValueError, match="deterministic"):
+        EnsembleDecoder([hard.decoder, copy.deepcopy(hard.decoder)])
+
+
+@pytest.fixture(scope="module")
+def two_runs(trained, tmp_path_factory):
+    """The session's tiny run and a second member: the same checkpoint with its decoder moved
+    (as another seed would give; the tiny runs train their encoder, and members must share one
+    encoder, as the frozen ImageNet encoder of the photo models is shared)."""
+    tmp, run = trained
+    other = tmp_path_factory.mktemp("seed1") / "run"
+    other.mkdir()
+    ck = torch.load(run / "best.pt", weights_only=True)
+    g = torch.Generator().manual_seed(1)
+    for k, v in ck["model"].items():
+        if k.startswith("decoder.") and v.is_floating_point():
+            v.add_(0.3 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else 0.0)
+    ck["config"]["train"]["seed"] = 1
+    torch.save(ck, other / "best.pt")
+    return tmp, run, other
+
+
+def _evaluate(main, capsys, ck, out):
+    assert main(["-q", "evaluate", "--checkpoint", str(ck), "--split", "test", "--beam", "2",
+                 "--no-meteor", "--out", str(out)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_joins_runs_into_one_checkpoint_that_evaluates(two_runs, tmp_path, capsys):
+    from showattend.cli import main
+    from showattend.loading import load_model
+
+    tmp, run, other = two_runs
+    out = tmp_path / "ens" / "best.pt"
+    assert main(["-q", "ensemble", "--checkpoint", str(run), "--checkpoint", str(other),
+                 "--out", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["members"] == [str(run / "best.pt"), str(other / "best.pt")]
+    model, vocab, _, cfg, ck = load_model(out, device="cpu")
+    assert cfg.decoder.ensemble == 2 and [m["seed"] for m in ck["ensemble"]] == [0, 1]
+    for i, member in enumerate((run, other)):  # each member's weights, under its own name
+        own = load_model(member, device="cpu")[0].decoder.state_dict()
+        got = model.decoder.members[i].state_dict()
+        assert own.keys() == got.keys() and all(torch.equal(own[k], got[k]) for k in own)
+    m = _evaluate(main, capsys, out, tmp_path / "e")
+    assert m["images"] > 0 and 0 <= m["BLEU-4"] <= 1
+    # a run joined with itself decodes exactly as the run: the same captions, the same scores
+    twin = tmp_path / "twin.pt"
+    assert main(["-q", "ensemble", "--checkpoint", str(run), "--checkpoint", str(run),
+                 "--out", str(twin)]) == 0
+    capsys.readouterr()
+    single, double = (_evaluate(main, capsys, ck, tmp_path / n)
+                      for ck, n in ((run, "s"), (twin, "d")))
+    assert single["BLEU-4"] == double["BLEU-4"] and single["CIDEr"] == double["CIDEr"]
+
+
+def test_cli_refuses_what_cannot_decode_as_one(two_runs, tmp_path, capsys):
+    from showattend.cli import main
+
+    tmp, run, other = two_runs
+    out = tmp_path / "ens.pt"
+
+    def refused(argv, needle):
+        assert main(["-q", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
+
+    refused(["ensemble", "--checkpoint", str(run), "--out", str(out)], "at least 2")
+    ck = torch.load(other / "best.pt", weights_only=True)
+    ck["vocab"]["words"] = list(ck["vocab"]["words"])[:-1] + ["zebra"]
+    torch.save(ck, tmp_path / "renamed.pt")
+    refused(["ensemble", "--checkpoint", str(run), "--checkpoint", str(tmp_path / "renamed.pt"),
+             "--out", str(out)], "different vocabularies")
+    ck = torch.load(other / "best.pt", weights_only=True)
+    ck["config"]["decoder"]["hidden_dim"] = 64
+    torch.save(ck, tmp_path / "wider.pt")
+    refused(["ensemble", "--checkpoint", str(run), "--checkpoint", str(tmp_path / "wider.pt"),
+             "--out", str(out)], "differ in decoder.hidden_dim")
+    ck = torch.load(other / "best.pt", weights_only=True)
+    next(v for k, v in ck["model"].items() if k.startswith("encoder.")).mul_(1.01)
+    torch.save(ck, tmp_path / "tuned.pt")
+    refused(["ensemble", "--checkpoint", str(run), "--checkpoint", str(tmp_path / "tuned.pt"),
+             "--out", str(out)], "different encoder weights")
+    refused(["ensemble", "--checkpoint", str(run), "--checkpoint", str(tmp_path / "nope.pt"),
+             "--out", str(out)], "not found")
+    refused(["train", "--config", str(tmp / "tiny_soft.toml"), "decoder.ensemble=2",
+             f"out_dir={json.dumps(str(tmp_path / 'r'))}"], "decodes only")
