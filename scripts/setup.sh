@@ -11,7 +11,8 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   # the x86_64 wheels on this disk are CUDA builds: about 6 GB once installed
   free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
-  if [ "${free_kb:-0}" -lt 7000000 ]; then
+  # (only when df answered with a number: an unreadable df must not block the install)
+  if [[ "$free_kb" =~ ^[0-9]+$ ]] && [ "$free_kb" -lt 7000000 ]; then
     echo "setup.sh: only $((free_kb / 1024)) MiB free here; torch + torchvision need about 6.5 GiB" >&2
     exit 1
   fi
