@@ -99,7 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     result = fit(cfg, resume=args.resume, progress=not args.quiet)
     if result.interrupted:
-        print(f"interrupted: saved {Path(cfg.out_dir) / 'last.pt'}; continue with --resume")
+        print(f"interrupted: saved {result.last or Path(cfg.out_dir) / 'last.pt'}; continue with "
+              f"--resume")
         return 130
     if result.test_metrics:
         print(json.dumps({k: round(v, 4) for k, v in result.test_metrics.items()}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -173,4 +174,75 @@ def test_cli_refuses_what_cannot_decode_as_one(two_runs, tmp_path, capsys):
     refused(["ensemble", "--checkpoint", str(run), "--checkpoint", str(tmp_path / "nope.pt"),
              "--out", str(out)], "not found")
     refused(["train", "--config", str(tmp / "tiny_soft.toml"), "decoder.ensemble=2",
-             f"out_dir={json.dumps(str(tmp_path / 'r'))}"], "decodes only")
+             f"out_dir={json.dumps(str(tmp_path / 'r'))}"], "share one frozen encoder")
+
+
+# ------------------------------------------------------------- training an ensemble from a config
+
+
+@pytest.fixture(scope="module")
+def frozen_cache(tmp_path_factory):
+    """(config path) of the Flickr fixture prepared with a frozen resnet50: a feature cache, so
+    runs of any seed share the encoder that computed it."""
+    from prep_fixtures import make_flickr, prepared_toml
+    from showattend.config import load_config
+    from showattend.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("frozen")
+    fx = make_flickr(tmp / "flickr")
+    path = prepared_toml(tmp / "base.toml", fx, tmp / "prep", tmp / "unused",
+                         backbone="resnet50", grid=2, coords=False)
+    prepare(load_config(path), workers=1, progress=False)
+    return path
+
+
+def _decoders(ck, prefix="decoder."):
+    return {k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)}
+
+
+def test_train_builds_the_ensemble_of_a_config_and_resumes_it(frozen_cache, tmp_path, capsys):
+    """`train` with decoder.ensemble = 2: members with seeds s, s + 1 in out/member<i>, joined
+    into out/best.pt and tested; --resume leaves a finished member alone and retrains a lost
+    one exactly (same seed, same data order)."""
+    from showattend.cli import main
+    from showattend.loading import load_model
+
+    out = tmp_path / "ens"
+    argv = ["-q", "train", "--config", str(frozen_cache), f"out_dir={json.dumps(str(out))}",
+            "decoder.ensemble=2", "train.seed=3"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2  # the ensemble's test evaluation
+    assert (out / "metrics_test_beam2.json").is_file()
+    _, _, _, cfg, ck = load_model(out / "best.pt", device="cpu")
+    assert cfg.decoder.ensemble == 2 and [m["seed"] for m in ck["ensemble"]] == [3, 4]
+    members = [torch.load(out / f"member{i}" / "best.pt", weights_only=True) for i in (0, 1)]
+    for i, m in enumerate(members):
+        assert m["config"]["train"]["seed"] == 3 + i and m["config"]["decoder"]["ensemble"] == 1
+        got, own = _decoders(ck, f"decoder.members.{i}."), _decoders(m)
+        assert got.keys() == own.keys() and all(torch.equal(got[k], own[k]) for k in own)
+    a, b = (_decoders(m) for m in members)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two seeds, two decoders
+    first = _decoders(ck)
+
+    done = (out / "member0" / "last.pt").read_bytes()
+    shutil.rmtree(out / "member1")
+    assert main([*argv[:2], "--resume", *argv[2:]]) == 0
+    capsys.readouterr()
+    assert (out / "member0" / "last.pt").read_bytes() == done  # finished: not trained again
+    again = _decoders(torch.load(out / "best.pt", weights_only=True))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_train_refuses_an_ensemble_of_trained_encoders(tmp_path, capsys):
+    """Members that train their own encoder could never decode as one: refused before any
+    training, in one line."""
+    from conftest import write_config
+    from showattend.cli import main
+
+    cfg = write_config(tmp_path)
+    out = tmp_path / "r"
+    assert main(["-q", "train", "--config", str(cfg), "decoder.ensemble=2",
+                 f"out_dir={json.dumps(str(out))}"]) == 2
+    err = capsys.readouterr().err
+    assert "share one frozen encoder" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -17,6 +17,7 @@ from showattend import distributed as D
 from showattend.data.splits import Splits
 from showattend.evaluation import evaluate_checkpoint
 from showattend.runtime import process_settings
+from showattend.train.members import fit_ensemble
 from showattend.train.loop import StopFlag, train_one_epoch
 from showattend.train.schedule import set_lr, should_stop
 from showattend.train.setup import Run, setup_run
@@ -36,9 +37,8 @@ def fit(cfg: C.Config, resume: bool = False, progress: bool = True,
     denormals) are restored on return, so calling ``fit`` from a notebook, an API user's program
     or a test session leaves the caller's numerics as they were.
     """
-    if cfg.decoder.ensemble > 1:
-        raise C.ConfigError("decoder.ensemble > 1 decodes only: train each member with its own "
-                            "train.seed, then join them with `showattend ensemble`")
+    if cfg.decoder.ensemble > 1:  # N members one after another, joined (train/members.py)
+        return fit_ensemble(cfg, fit, resume, progress, splits, evaluate_test)
     with process_settings():
         try:
             run = setup_run(cfg, resume, progress, splits)
@@ -67,14 +67,14 @@ def _train(run: Run, progress: bool) -> RunResult:
             if not train_one_epoch(run.train_model, run.optimizer, run.train_ds, cfg, state,
                                    run.device, run.files.log, stop, run.save, progress, run.dist,
                                    run.objective):
-                result.interrupted = True
+                result.interrupted, result.last = True, run.files.out / "last.pt"
                 log.warning("interrupted by signal %s: saved %s", stop.signum,
                             run.files.out / "last.pt")
                 break
             if close_epoch(run, validate(run, progress), progress):
                 break
             if D.any_flag(stop.signum is not None, run.dist):
-                result.interrupted = True
+                result.interrupted, result.last = True, run.files.out / "last.pt"
                 break
     result.epochs = state.epoch
     result.train_seconds = state.elapsed

@@ -42,6 +42,7 @@ class RunResult:
     epochs: int = 0
     interrupted: bool = False
     train_seconds: float = 0.0
+    last: Path | None = None  # the checkpoint an interrupted run saved (continue with resume)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
