@@ -231,6 +231,11 @@ def test_train_builds_the_ensemble_of_a_config_and_resumes_it(frozen_cache, tmp_
     assert (out / "member0" / "last.pt").read_bytes() == done  # finished: not trained again
     again = _decoders(torch.load(out / "best.pt", weights_only=True))
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    # fine-tuning starts from one member, not from the joined file: refused in one line
+    assert main(["-q", "train", "--config", str(frozen_cache), "--init", str(out / "best.pt"),
+                 f"out_dir={json.dumps(str(tmp_path / 'ft'))}"]) != 0
+    err = capsys.readouterr().err
+    assert "is an ensemble of 2 decoders" in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_refuses_an_ensemble_of_trained_encoders(tmp_path, capsys):

@@ -126,6 +126,11 @@ def _warm_start(model: Captioner, path: str, vocab: Vocab, key: str,
         raise TrainingError(f"{key}: {exc}") from None
     if Vocab.from_dict(warm["vocab"]) != vocab:
         raise TrainingError(f"{key} {path}: vocabulary differs from this data's")
+    members = warm["config"].get("decoder", {}).get("ensemble", 1)
+    if members != 1:
+        raise TrainingError(f"{key} {path} is an ensemble of {members} decoders: start from one "
+                            f"of its members (a run of decoder.ensemble = N keeps them in "
+                            f"member0/ … member<N-1>/)")
     if cfg is not None:
         saved = C.from_dict(C.Config, warm["config"]).encoder
         for f in ("backbone", "grid", "image_size", "resize", "coords"):
