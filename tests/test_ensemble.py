@@ -210,6 +210,9 @@ def test_train_builds_the_ensemble_of_a_config_and_resumes_it(frozen_cache, tmp_
     out = tmp_path / "ens"
     argv = ["-q", "train", "--config", str(frozen_cache), f"out_dir={json.dumps(str(out))}",
             "decoder.ensemble=2", "train.seed=3"]
+    assert main([*argv[:2], "--resume", *argv[2:]]) != 0  # nothing to resume yet: one line
+    err = capsys.readouterr().err
+    assert "--resume: no member checkpoint" in err and len(err.strip().splitlines()) == 1
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 2  # the ensemble's test evaluation
     assert (out / "metrics_test_beam2.json").is_file()

@@ -65,9 +65,12 @@ def fit_ensemble(cfg: C.Config, fit_one: Callable[..., RunResult], resume: bool,
                             "process; under torchrun, train each member with its own train.seed "
                             "and join them with `showattend ensemble`")
     out = Path(cfg.out_dir)
+    members = member_configs(cfg)
+    if resume and not any((Path(m.out_dir) / "last.pt").is_file() for m in members):
+        raise TrainingError(f"--resume: no member checkpoint {out / 'member0' / 'last.pt'}")
     result = RunResult(out)
     best = []
-    for i, mcfg in enumerate(member_configs(cfg)):
+    for i, mcfg in enumerate(members):
         mout = Path(mcfg.out_dir)
         again = resume and (mout / "last.pt").is_file()
         log.info("ensemble member %d of %d (train.seed %d): %s%s", i + 1, cfg.decoder.ensemble,
