@@ -19,7 +19,7 @@ from showattend.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from showattend.io import sha256_file
 from showattend.loading import load_model
 
-__all__ = ["join_checkpoints", "EnsembleError"]
+__all__ = ["join_checkpoints", "joinable", "EnsembleError"]
 
 _SAME_SECTIONS = ("encoder", "attention", "decoder")
 
@@ -40,11 +40,18 @@ def _member(path: str | Path) -> tuple[dict[str, Any], C.Config]:
     if cfg.decoder.ensemble != 1:
         raise EnsembleError(f"{ck['path']} is already an ensemble ({cfg.decoder.ensemble} "
                             f"decoders); join its members instead")
-    if cfg.attention.kind in ("hard", "glimpse_hard") or cfg.encoder.self_attention_layers:
+    if not joinable(cfg):
         raise EnsembleError(f"{ck['path']}: ensembles are built from soft-attention models "
                             f"without self-attention layers (attention.kind "
                             f"{cfg.attention.kind!r})")
     return ck, cfg
+
+
+def joinable(cfg: C.Config) -> bool:
+    """Whether runs of ``cfg`` can be ensemble members: deterministic attention (soft and its
+    family, not hard) and no self-attention layers (models/ensemble.py decodes those only)."""
+    return cfg.attention.kind not in ("hard", "glimpse_hard") \
+        and not cfg.encoder.self_attention_layers
 
 
 def _check_same(first: dict[str, Any], ck: dict[str, Any], cfg0: C.Config, cfg: C.Config) -> None:

@@ -19,7 +19,7 @@ from typing import Callable
 from showattend import config as C
 from showattend import distributed as D
 from showattend.data.splits import Splits
-from showattend.ensemble import join_checkpoints
+from showattend.ensemble import join_checkpoints, joinable
 from showattend.evaluation import evaluate_checkpoint
 from showattend.models.backbones import get_backbone
 from showattend.runtime import TrainingError
@@ -43,7 +43,7 @@ def _check_shared_encoder(cfg: C.Config) -> None:
     """Refuse, before any training, an ensemble whose members could not decode as one: they
     must be deterministic soft-attention models on one frozen encoder (the join checks it too,
     but only after every member has trained)."""
-    if cfg.attention.kind in ("hard", "glimpse_hard") or cfg.encoder.self_attention_layers:
+    if not joinable(cfg):
         raise C.ConfigError(f"decoder.ensemble > 1: ensembles are built from soft-attention "
                             f"models without self-attention layers (attention.kind "
                             f"{cfg.attention.kind!r})")
