@@ -160,6 +160,10 @@ class TrainConfig:
     nan_policy: str = "stop"  # "stop" | "skip"
     log_every: int = 50
     threads: int = 0  # torch threads on CPU (0 = torch default)
+    # decoder.ensemble > 1: members trained at once, each in its own process, the threads split
+    # between them (small recurrent steps use two cores poorly: two 1-thread runs side by side
+    # took 1.2x the steps of one 2-thread run on the README's machine)
+    member_jobs: int = 1
     objective: str = "auto"  # "auto": the model's (cross-entropy / REINFORCE) | "scst"
     init: str = ""  # checkpoint whose weights start a new run (vocabulary and images checked)
 
@@ -337,7 +341,8 @@ def validate(cfg: Config) -> None:
     positive = [("train", "epochs"), ("train", "batch_size"), ("encoder", "grid"),
                 ("encoder", "image_size"), ("decoder", "hidden_dim"), ("decoder", "embed_dim"),
                 ("attention", "dim"), ("eval", "beam"), ("eval", "max_len"), ("data", "max_len"),
-                ("hard", "n_samples"), ("attention", "mc_samples"), ("train", "val_beam")]
+                ("hard", "n_samples"), ("attention", "mc_samples"), ("train", "val_beam"),
+                 ("train", "member_jobs")]
     # Zero here would crash deep inside a run (modulo by zero, an empty DataLoader batch, a
     # zero-width convolution) instead of failing at load time with the key's name.
     positive += [("train", "log_every"), ("eval", "batch_size"), ("encoder", "channels")]

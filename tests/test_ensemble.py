@@ -254,3 +254,30 @@ def test_train_refuses_an_ensemble_of_trained_encoders(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "share one frozen encoder" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_members_trained_side_by_side_are_the_members_trained_in_turn(frozen_cache, tmp_path,
+                                                                     capsys):
+    """train.member_jobs = 2: both members at once, each in its own process with one of the two
+    threads, give the members (and the joined file) of the same config trained one after the
+    other at one thread; a member that fails there is reported in one line naming it."""
+    from showattend.cli import main
+
+    def train(out, *extra):
+        return main(["-q", "train", "--config", str(frozen_cache),
+                     f"out_dir={json.dumps(str(out))}", "decoder.ensemble=2", *extra])
+
+    assert train(tmp_path / "seq", "train.threads=1") == 0
+    assert train(tmp_path / "par", "train.threads=2", "train.member_jobs=2") == 0
+    capsys.readouterr()
+    for name in ("member0/best.pt", "member1/best.pt", "best.pt"):
+        a, b = (_decoders(torch.load(tmp_path / d / name, weights_only=True))
+                for d in ("seq", "par"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    par = torch.load(tmp_path / "par" / "member1" / "best.pt", weights_only=True)
+    assert par["config"]["train"]["threads"] == 1  # the two threads were split
+
+    (tmp_path / "par" / "member1" / "last.pt").write_bytes(b"not a checkpoint")
+    assert train(tmp_path / "par", "train.threads=2", "train.member_jobs=2", "--resume") != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "member1" in err[0] and "Traceback" not in err[0], err

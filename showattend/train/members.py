@@ -8,22 +8,34 @@ members' best checkpoints are then joined (showattend/ensemble.py) into ``<out_d
 which decodes as one model, and that file is evaluated on the test split. ``--resume`` continues
 the member that was interrupted and leaves finished members as they are (resuming a finished run
 trains nothing), so a killed ensemble run loses at most the epoch in progress.
+
+``train.member_jobs = J > 1`` trains the unfinished members J at a time, each in a process of its
+own with the threads split between them (``train.threads``, or torch's count, divided by the
+members running together). The members' numbers do not depend on it: each is the same run of
+the same config and seed, only in another process.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
+import signal
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import torch
 
 from showattend import config as C
 from showattend import distributed as D
 from showattend.data.splits import Splits
+from showattend.checkpoint import load_checkpoint
 from showattend.ensemble import join_checkpoints, joinable
 from showattend.evaluation import evaluate_checkpoint
 from showattend.models.backbones import get_backbone
 from showattend.runtime import TrainingError
-from showattend.train.state import RunResult
+from showattend.train.schedule import should_stop
+from showattend.train.state import RunResult, TrainState
 
 __all__ = ["fit_ensemble", "member_configs"]
 
@@ -61,26 +73,25 @@ def fit_ensemble(cfg: C.Config, fit_one: Callable[..., RunResult], resume: bool,
     """Train the members of ``cfg`` with ``fit_one`` (train.fit), join them, test the ensemble."""
     _check_shared_encoder(cfg)
     if D.from_env().enabled:
-        raise C.ConfigError("decoder.ensemble > 1 trains its members one after another in one "
-                            "process; under torchrun, train each member with its own train.seed "
-                            "and join them with `showattend ensemble`")
+        raise C.ConfigError("decoder.ensemble > 1 is not trained under torchrun: train each "
+                            "member with its own train.seed and join them with `showattend "
+                            "ensemble`")
     out = Path(cfg.out_dir)
     members = member_configs(cfg)
     if resume and not any((Path(m.out_dir) / "last.pt").is_file() for m in members):
         raise TrainingError(f"--resume: no member checkpoint {out / 'member0' / 'last.pt'}")
     result = RunResult(out)
+    runs = _train_members(members, fit_one, resume, progress, splits, cfg.train.member_jobs)
     best = []
-    for i, mcfg in enumerate(members):
-        mout = Path(mcfg.out_dir)
-        again = resume and (mout / "last.pt").is_file()
-        log.info("ensemble member %d of %d (train.seed %d): %s%s", i + 1, cfg.decoder.ensemble,
-                 mcfg.train.seed, mout, " (resumed)" if again else "")
-        r = fit_one(mcfg, resume=again, progress=progress, splits=splits, evaluate_test=False)
+    for mcfg, r in zip(members, runs):
         result.epochs += r.epochs
         result.train_seconds += r.train_seconds
         if r.interrupted:
             result.interrupted, result.last = True, r.last
-            return result
+    if result.interrupted:
+        return result
+    for mcfg in members:
+        mout = Path(mcfg.out_dir)
         if not (mout / "best.pt").is_file():
             raise TrainingError(f"ensemble member {mout} ended without a best.pt")
         best.append(mout / "best.pt")
@@ -91,3 +102,121 @@ def fit_ensemble(cfg: C.Config, fit_one: Callable[..., RunResult], resume: bool,
             out / "best.pt", "test", out_dir=out, splits=splits, progress=progress,
             summary=True, precision=cfg.train.precision)
     return result
+
+
+def _start_line(i: int, n: int, mcfg: C.Config, again: bool, extra: str = "") -> None:
+    log.info("ensemble member %d of %d (train.seed %d): %s%s%s", i + 1, n, mcfg.train.seed,
+             mcfg.out_dir, " (resumed)" if again else "", extra)
+
+
+def _train_members(members: list[C.Config], fit_one: Callable[..., RunResult], resume: bool,
+                   progress: bool, splits: Splits | None, jobs: int) -> list[RunResult]:
+    """Train every member (sequentially, or ``jobs`` at a time in processes of their own); one
+    RunResult per member, in order. Stops after the first interrupted member or group."""
+    n = len(members)
+    again = [resume and (Path(m.out_dir) / "last.pt").is_file() for m in members]
+    runs: list[RunResult | None] = [None] * n
+    todo = list(range(n))
+    if jobs > 1:  # finished members only reload their checkpoint: no process needed for them
+        todo = [i for i in range(n) if not (again[i] and _finished(members[i]))]
+        for i in range(n):
+            if i not in todo:
+                _start_line(i, n, members[i], True, ": finished")
+                runs[i] = RunResult(Path(members[i].out_dir))
+    if jobs <= 1:
+        for i in todo:
+            _start_line(i, n, members[i], again[i])
+            runs[i] = fit_one(members[i], resume=again[i], progress=progress, splits=splits,
+                              evaluate_test=False)
+            if runs[i].interrupted:
+                break
+    else:
+        threads = members[0].train.threads or torch.get_num_threads()
+        for k in range(0, len(todo), jobs):
+            group = todo[k: k + jobs]
+            each = max(1, threads // len(group))
+            for i in group:
+                _start_line(i, n, members[i], again[i], f" — in its own process, {each} "
+                            f"thread{'s' if each > 1 else ''}")
+            done = _run_processes([(C.replace(members[i], train={"threads": each}), again[i])
+                                   for i in group], fit_one)
+            for i, r in zip(group, done):
+                runs[i] = r
+            if any(r.interrupted for r in done):
+                break
+    return [r if r is not None else RunResult(Path(m.out_dir)) for r, m in zip(runs, members)]
+
+
+def _finished(mcfg: C.Config) -> bool:
+    """Whether the member's last.pt is the end of its run (all epochs, or early-stopped)."""
+    try:
+        ckpt = load_checkpoint(Path(mcfg.out_dir) / "last.pt")
+    except Exception:  # noqa: BLE001 - unreadable: let the member's own resume report it
+        return False
+    state = TrainState(**{k: v for k, v in ckpt.get("train_state", {}).items()
+                          if k in TrainState.__dataclass_fields__})
+    return state.batch_in_epoch == 0 and (state.epoch >= mcfg.train.epochs
+                                          or should_stop(state, mcfg.train))
+
+
+def _member_process(fit_one: Callable[..., RunResult], mcfg: C.Config, resume: bool,
+                    level: int, conn: Any) -> None:
+    """A member trained in a child process; its RunResult (or its error, one line) sent back."""
+    logging.basicConfig(level=level, format="showattend: %(message)s")
+    try:
+        r = fit_one(mcfg, resume=resume, progress=False, splits=None, evaluate_test=False)
+        conn.send(("ok", r.epochs, r.train_seconds, r.interrupted,
+                   str(r.last) if r.last else None))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent in one line
+        lines = str(exc).strip().splitlines()
+        conn.send(("error", lines[0] if lines else type(exc).__name__))
+    finally:
+        conn.close()
+
+
+def _run_processes(jobs: list[tuple[C.Config, bool]],
+                   fit_one: Callable[..., RunResult]) -> list[RunResult]:
+    """Train each (config, resume) in a spawned process, all at once; wait for every one.
+    SIGINT/SIGTERM received meanwhile are passed on to the children, which save their last.pt
+    and stop like any run; an error in one is raised here once all have ended."""
+    ctx = mp.get_context("spawn")
+    procs, conns = [], []
+    for mcfg, again in jobs:
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_member_process, daemon=False,
+                        args=(fit_one, mcfg, again, logging.getLogger().getEffectiveLevel(),
+                              child))
+        procs.append(p)
+        conns.append(parent)
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for p in procs:
+            p.start()
+        replies = []
+        for p, conn in zip(procs, conns):
+            try:
+                replies.append(conn.recv())
+            except EOFError:  # died without a word (killed, out of memory)
+                replies.append(("error", "its process ended without a result"))
+            p.join()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    results, errors = [], []
+    for (mcfg, _), reply, p in zip(jobs, replies, procs):
+        if reply[0] != "ok":
+            errors.append(f"ensemble member {mcfg.out_dir}: {reply[1]}"
+                          + (f" (exit code {p.exitcode})" if p.exitcode else ""))
+            continue
+        _, epochs, seconds, interrupted, last = reply
+        results.append(RunResult(Path(mcfg.out_dir), epochs=epochs, train_seconds=seconds,
+                                 interrupted=interrupted, last=Path(last) if last else None))
+    if errors:
+        raise TrainingError("; ".join(errors))
+    return results

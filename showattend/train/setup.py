@@ -99,7 +99,8 @@ def absolute_data_paths(cfg: C.Config) -> C.Config:
 def resume_checkpoint(cfg: C.Config, out: Path, resume: bool, main: bool
                       ) -> tuple[C.Config, dict[str, Any] | None]:
     """The config the run uses and the checkpoint it resumes (None for a new run). A resumed
-    run keeps its saved config; only ``train.epochs`` may change."""
+    run keeps its saved config; only ``train.epochs`` and where it runs (``train.threads``,
+    ``train.member_jobs``) may change."""
     if not resume:
         if main and (out / "last.pt").is_file():
             log.warning("%s already holds a run: starting a new one over it (use --resume to "
@@ -109,10 +110,12 @@ def resume_checkpoint(cfg: C.Config, out: Path, resume: bool, main: bool
         raise TrainingError(f"--resume: no checkpoint {out / 'last.pt'}")
     ckpt = load_checkpoint(out / "last.pt")
     saved = C.from_dict(C.Config, ckpt["config"])
-    if C.replace(saved, train={"epochs": cfg.train.epochs}) != cfg:
+    may_change = {k: getattr(cfg.train, k) for k in ("epochs", "threads", "member_jobs")}
+    if C.replace(saved, train=may_change) != absolute_data_paths(cfg):
         log.warning("resuming with the configuration saved in the checkpoint "
-                    "(only train.epochs may change on resume)")
-    return C.replace(saved, train={"epochs": cfg.train.epochs}), ckpt
+                    "(only train.epochs, train.threads and train.member_jobs may change on "
+                    "resume)")
+    return C.replace(saved, train=may_change), ckpt
 
 
 def _warm_start(model: Captioner, path: str, vocab: Vocab, key: str,
