@@ -11,8 +11,9 @@ trains nothing), so a killed ensemble run loses at most the epoch in progress.
 
 ``train.member_jobs = J > 1`` trains the unfinished members J at a time, each in a process of its
 own with the threads split between them (``train.threads``, or torch's count, divided by the
-members running together). The members' numbers do not depend on it: each is the same run of
-the same config and seed, only in another process.
+members running together). Each member is the same run of the same config and seed, only in
+another process; at the same thread count its weights are bit-identical to one trained in turn
+(tested), while another thread count can change the last digits, as ``train.threads`` can.
 """
 
 from __future__ import annotations
