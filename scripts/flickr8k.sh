@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # From nothing to a test score on Flickr8k photos, with the README's chosen settings: prepare the
 # store and the EfficientNet-Lite0 feature cache, train the cross-entropy model with attention
-# supervision from the Flickr30k Entities boxes (configs/flickr8k_soft.toml: two runs, train.seed
-# 0 and 1, joined into one ensemble), evaluate it on the test split with the photo-grounding
+# supervision from the Flickr30k Entities boxes (configs/flickr8k_soft.toml: four runs, train.seed
+# 0–3, two at a time, joined into one ensemble), evaluate it on the test split with the photo-grounding
 # measures. Prints the wall time of each step. (Self-critical fine-tuning is a separate step:
 # configs/flickr8k_scst.toml, README "Sequence-level training".)
 # Needs, relative to the repository root: data/flickr8k/images/ (8,091 photos), the four official
