@@ -342,7 +342,7 @@ def validate(cfg: Config) -> None:
                 ("encoder", "image_size"), ("decoder", "hidden_dim"), ("decoder", "embed_dim"),
                 ("attention", "dim"), ("eval", "beam"), ("eval", "max_len"), ("data", "max_len"),
                 ("hard", "n_samples"), ("attention", "mc_samples"), ("train", "val_beam"),
-                 ("train", "member_jobs")]
+                ("train", "member_jobs")]
     # Zero here would crash deep inside a run (modulo by zero, an empty DataLoader batch, a
     # zero-width convolution) instead of failing at load time with the key's name.
     positive += [("train", "log_every"), ("eval", "batch_size"), ("encoder", "channels")]

@@ -19,7 +19,7 @@ from showattend.evaluation import evaluate_checkpoint
 from showattend.runtime import process_settings
 from showattend.train.members import fit_ensemble
 from showattend.train.loop import StopFlag, train_one_epoch
-from showattend.train.schedule import set_lr, should_stop
+from showattend.train.schedule import run_done, set_lr
 from showattend.train.setup import Run, setup_run
 from showattend.train.state import RunResult
 from showattend.train.validation import close_epoch, validate
@@ -62,7 +62,7 @@ def _train(run: Run, progress: bool) -> RunResult:
     with StopFlag() as stop:
         # the early-stop test is repeated here so that resuming a run that stopped early (and
         # was then killed during its test evaluation) does not train on
-        while state.epoch < cfg.train.epochs and not should_stop(state, cfg.train):
+        while not run_done(state, cfg.train):
             set_lr(run.optimizer, state.decays, cfg.train)
             if not train_one_epoch(run.train_model, run.optimizer, run.train_ds, cfg, state,
                                    run.device, run.files.log, stop, run.save, progress, run.dist,

@@ -35,7 +35,7 @@ from showattend.ensemble import join_checkpoints, joinable
 from showattend.evaluation import evaluate_checkpoint
 from showattend.models.backbones import get_backbone
 from showattend.runtime import TrainingError
-from showattend.train.schedule import should_stop
+from showattend.train.schedule import run_done
 from showattend.train.state import RunResult, TrainState
 
 __all__ = ["fit_ensemble", "member_configs"]
@@ -156,8 +156,7 @@ def _finished(mcfg: C.Config) -> bool:
         return False
     state = TrainState(**{k: v for k, v in ckpt.get("train_state", {}).items()
                           if k in TrainState.__dataclass_fields__})
-    return state.batch_in_epoch == 0 and (state.epoch >= mcfg.train.epochs
-                                          or should_stop(state, mcfg.train))
+    return state.batch_in_epoch == 0 and run_done(state, mcfg.train)
 
 
 def _member_process(fit_one: Callable[..., RunResult], mcfg: C.Config, resume: bool,

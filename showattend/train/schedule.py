@@ -56,3 +56,8 @@ def record_validation(state: TrainState, metric: float, cfg: C.TrainConfig) -> b
 def should_stop(state: TrainState, cfg: C.TrainConfig) -> bool:
     """Early stopping: ``early_stop`` epochs without improvement (0 = never)."""
     return bool(cfg.early_stop) and state.bad_epochs >= cfg.early_stop
+
+
+def run_done(state: TrainState, cfg: C.TrainConfig) -> bool:
+    """No epoch left to train: ``train.epochs`` reached, or stopped early."""
+    return state.epoch >= cfg.epochs or should_stop(state, cfg)
