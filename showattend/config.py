@@ -164,6 +164,10 @@ class TrainConfig:
     # between them (small recurrent steps use two cores poorly: two 1-thread runs side by side
     # took 1.2x the steps of one 2-thread run on the README's machine)
     member_jobs: int = 1
+    # K > 1: the run also keeps the model of every epoch (epoch<k>.pt, weights only), and an
+    # ensemble (decoder.ensemble > 1) joins each member's best epoch with its K − 1 epochs before
+    # it: a snapshot ensemble at no extra training time (README, "Ensembles")
+    snapshots: int = 1
     objective: str = "auto"  # "auto": the model's (cross-entropy / REINFORCE) | "scst"
     init: str = ""  # checkpoint whose weights start a new run (vocabulary and images checked)
 
@@ -342,7 +346,7 @@ def validate(cfg: Config) -> None:
                 ("encoder", "image_size"), ("decoder", "hidden_dim"), ("decoder", "embed_dim"),
                 ("attention", "dim"), ("eval", "beam"), ("eval", "max_len"), ("data", "max_len"),
                 ("hard", "n_samples"), ("attention", "mc_samples"), ("train", "val_beam"),
-                ("train", "member_jobs")]
+                ("train", "member_jobs"), ("train", "snapshots")]
     # Zero here would crash deep inside a run (modulo by zero, an empty DataLoader batch, a
     # zero-width convolution) instead of failing at load time with the key's name.
     positive += [("train", "log_every"), ("eval", "batch_size"), ("encoder", "channels")]

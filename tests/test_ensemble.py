@@ -281,3 +281,44 @@ def test_members_trained_side_by_side_are_the_members_trained_in_turn(frozen_cac
     assert train(tmp_path / "par", "train.threads=2", "train.member_jobs=2", "--resume") != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "member1" in err[0] and "Traceback" not in err[0], err
+
+
+def test_snapshots_join_each_members_best_epoch_with_the_epochs_before_it(frozen_cache, tmp_path,
+                                                                        capsys, monkeypatch):
+    """train.snapshots = 2: each member keeps epoch<k>.pt (the model alone), drops those no
+    snapshot ensemble can use (more than one epoch before its best), and the joined best.pt is
+    each member's best epoch followed by the epoch before it, weights as they were then."""
+    import importlib
+
+    from showattend.cli import main
+
+    fit_module = importlib.import_module("showattend.train.fit")  # the module, not the function
+
+    # the fixture's captions are too few for the dev score to move: it rises every epoch here,
+    # so the best epoch is the last and a snapshot before it exists
+    monkeypatch.setattr(fit_module, "validate", lambda run, progress: {
+        "BLEU-4": float(run.state.epoch + 1)})
+
+    out = tmp_path / "snap"
+    assert main(["-q", "train", "--config", str(frozen_cache), f"out_dir={json.dumps(str(out))}",
+                 "decoder.ensemble=2", "train.snapshots=2", "train.epochs=3",
+                 "train.early_stop=0", "train.lr_schedule=\"cosine\""]) == 0
+    capsys.readouterr()
+    ck = torch.load(out / "best.pt", weights_only=True)
+    want, snaps = [], 0
+    for i in (0, 1):
+        m = out / f"member{i}"
+        best = torch.load(m / "best.pt", weights_only=True)
+        b = best["train_state"]["best_epoch"]
+        kept = sorted(int(p.stem[5:]) for p in m.glob("epoch*.pt"))
+        assert kept == [k for k in (1, 2, 3) if k >= b - 1], (b, kept)
+        snap = torch.load(m / f"epoch{b}.pt", weights_only=True)
+        assert "optimizer" not in snap and snap["train_state"]["epoch"] == b
+        assert all(torch.equal(v, best["model"][k]) for k, v in snap["model"].items())
+        want += [best] + ([torch.load(m / f"epoch{b - 1}.pt", weights_only=True)] if b > 1 else [])
+        snaps += b > 1
+    assert snaps > 0  # the run must exercise a snapshot (else this test could not fail)
+    assert len(ck["ensemble"]) == len(want) == ck["config"]["decoder"]["ensemble"]
+    for j, w in enumerate(want):
+        got, own = _decoders(ck, f"decoder.members.{j}."), _decoders(w)
+        assert got.keys() == own.keys() and all(torch.equal(got[k], own[k]) for k in own), j

@@ -37,6 +37,7 @@ from showattend.models.backbones import get_backbone
 from showattend.runtime import TrainingError
 from showattend.train.schedule import run_done
 from showattend.train.state import RunResult, TrainState
+from showattend.train.validation import snapshot_paths
 
 __all__ = ["fit_ensemble", "member_configs"]
 
@@ -96,8 +97,11 @@ def fit_ensemble(cfg: C.Config, fit_one: Callable[..., RunResult], resume: bool,
         if not (mout / "best.pt").is_file():
             raise TrainingError(f"ensemble member {mout} ended without a best.pt")
         best.append(mout / "best.pt")
+        if cfg.train.snapshots > 1:
+            best += snapshot_paths(mout, _best_epoch(mout / "best.pt"), cfg.train.snapshots)
     join_checkpoints(best, out / "best.pt", name=cfg.name)
-    log.info("joined %d members into %s", len(best), out / "best.pt")
+    log.info("joined %d %s into %s", len(best),
+             "members and snapshots" if cfg.train.snapshots > 1 else "members", out / "best.pt")
     if evaluate_test:
         result.test_metrics = evaluate_checkpoint(
             out / "best.pt", "test", out_dir=out, splits=splits, progress=progress,
@@ -146,6 +150,11 @@ def _train_members(members: list[C.Config], fit_one: Callable[..., RunResult], r
             if any(r.interrupted for r in done):
                 break
     return [r if r is not None else RunResult(Path(m.out_dir)) for r, m in zip(runs, members)]
+
+
+def _best_epoch(best: Path) -> int:
+    """The epoch a member's best.pt was written at (its train_state)."""
+    return int(load_checkpoint(best).get("train_state", {}).get("best_epoch", -1))
 
 
 def _finished(mcfg: C.Config) -> bool:

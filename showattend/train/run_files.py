@@ -99,8 +99,16 @@ class RunFiles:
 
     def save(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              cfg_dict: dict[str, Any], vocab: Vocab, preprocess: Preprocessor,
-             state: TrainState, device: torch.device) -> None:
-        """Write checkpoint ``name`` (collective under torchrun: every rank's RNG goes in)."""
+             state: TrainState, device: torch.device, full: bool = True) -> None:
+        """Write checkpoint ``name`` (collective under torchrun: every rank's RNG goes in).
+        ``full=False``: the model alone (no optimiser, no RNG): an epoch snapshot, which
+        decodes and joins ensembles but does not resume."""
+        if not full:
+            if self.main:
+                save_checkpoint(self.out / name, {
+                    "model": model.state_dict(), "config": cfg_dict, "vocab": vocab.to_dict(),
+                    "preprocess": preprocess.to_dict(), "train_state": state.to_dict()})
+            return
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if self.dist.enabled:  # every rank's stream, so a resumed job continues each one exactly
             rng["ranks"] = D.gather([rng["torch"]], self.dist)

@@ -59,10 +59,11 @@ class Run:
     val_recs: list[ImageRecord]
     val_photos: PhotoBoxes | None = None  # human boxes of the val photos (data.entities)
 
-    def save(self, name: str) -> None:
-        """Checkpoint ``name`` (last.pt / best.pt) of the run as it is now."""
+    def save(self, name: str, full: bool = True) -> None:
+        """Checkpoint ``name`` (last.pt / best.pt, or with ``full=False`` an epoch snapshot:
+        the model alone) of the run as it is now."""
         self.files.save(name, self.model, self.optimizer, self.cfg_dict, self.vocab,
-                        self.preprocess, self.state, self.device)
+                        self.preprocess, self.state, self.device, full)
 
 
 def build_optimizer(model: Captioner, cfg: C.TrainConfig) -> torch.optim.Optimizer:

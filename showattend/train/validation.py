@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 from showattend import distributed as D
 from showattend.evaluation import decode_records, score_results
@@ -11,7 +12,7 @@ from showattend.progress import write
 from showattend.train.schedule import record_validation, should_stop
 from showattend.train.setup import Run
 
-__all__ = ["validate", "close_epoch", "epoch_line"]
+__all__ = ["validate", "close_epoch", "epoch_line", "keep_snapshots", "snapshot_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ def close_epoch(run: Run, val: dict[str, float], progress: bool) -> bool:
     if improved:
         run.save("best.pt")
     run.save("last.pt")
+    if cfg.train.snapshots > 1:
+        keep_snapshots(run)
     run.files.plot()
     if progress:
         write(epoch_line(state.epoch, cfg.train.val_metric, val, state.best, state.best_epoch,
@@ -66,3 +69,24 @@ def close_epoch(run: Run, val: dict[str, float], progress: bool) -> bool:
         log.info("early stop: no improvement in %d epochs", state.bad_epochs)
         return True
     return False
+
+
+def keep_snapshots(run: Run) -> None:
+    """train.snapshots = K: write this epoch's model as epoch<k>.pt and delete the snapshots no
+    snapshot ensemble can use any more (those more than K − 1 epochs before the best: the best
+    epoch only moves forward)."""
+    state, k = run.state, run.cfg.train.snapshots
+    run.save(f"epoch{state.epoch}.pt", full=False)
+    if run.dist.main:
+        for old in run.files.out.glob("epoch*.pt"):
+            n = old.stem[len("epoch"):]
+            if n.isdigit() and int(n) <= state.best_epoch - k:
+                old.unlink(missing_ok=True)
+
+
+def snapshot_paths(out: Path, best_epoch: int, snapshots: int) -> list[Path]:
+    """The snapshots that join a run's best.pt in a snapshot ensemble: epoch<b−1>.pt back to
+    epoch<b−K+1>.pt, those that exist (a run whose best epoch is its first has none)."""
+    return [p for j in range(best_epoch - 1, best_epoch - snapshots, -1)
+            if (p := out / f"epoch{j}.pt").is_file()]
+
