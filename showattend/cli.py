@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"train.init={json.dumps(args.init)}"] if args.init else [])
     overrides += [f"train.precision={args.precision}"] if args.precision else []
     cfg = load_config(args.config, overrides)
-    result = fit(cfg, resume=args.resume, progress=not args.quiet)
+    result = fit(cfg, resume=args.resume, progress=not args.quiet, evaluate_test=not args.no_test)
     if result.interrupted:
         print(f"interrupted: saved {result.last or Path(cfg.out_dir) / 'last.pt'}; continue with "
               f"--resume")
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(train.init; e.g. a cross-entropy best.pt for train.objective = \"scst\")")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="train.precision: auto = bf16 where the device has fast bf16 (default: the config's, fp32)")
+    t.add_argument("--no-test", action="store_true", help="end without evaluating best.pt on "
+                   "the test split (when `evaluate` follows, with its own options)")
     t.set_defaults(func=cmd_train)
 
     pp = sub.add_parser("prepare", help="read captions + images once into a prepared folder "

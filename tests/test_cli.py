@@ -55,6 +55,19 @@ def test_resume_continues_to_more_epochs(trained, tmp_path):
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # the shared run untouched
 
 
+def test_train_no_test_ends_without_the_test_evaluation(trained, tmp_path, capsys):
+    """`train --no-test` trains and writes best.pt, but prints and writes no test metrics."""
+    tmp, _ = trained
+    copy = copy_run(trained, tmp_path)
+    for old in copy.glob("metrics_test*.json"):
+        old.unlink()
+    capsys.readouterr()
+    assert main(["-q", "train", "--config", str(write_config(tmp)), "--resume", "--no-test",
+                 "--train.epochs=3", f"--out_dir={copy}"]) == 0
+    assert _val_epochs(copy) == [1, 2, 3]
+    assert capsys.readouterr().out == "" and not list(copy.glob("metrics_test*.json"))
+
+
 def test_caption_json_and_overlays(trained, tmp_path, capsys):
     tmp, run = trained
     imgs = sorted((tmp / "data" / "images" / "test").glob("*.png"))[:3]
