@@ -64,7 +64,7 @@ def test_train_no_test_ends_without_the_test_evaluation(trained, tmp_path, capsy
     capsys.readouterr()
     assert main(["-q", "train", "--config", str(write_config(tmp)), "--resume", "--no-test",
                  "--train.epochs=3", f"--out_dir={copy}"]) == 0
-    assert _val_epochs(copy) == [1, 2, 3]
+    assert _val_epochs(copy) == [1, 2, 3] and (copy / "best.pt").is_file()
     assert capsys.readouterr().out == "" and not list(copy.glob("metrics_test*.json"))
 
 
