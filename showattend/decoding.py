@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from showattend.models.attention import repeat_rows
 from showattend.models.decoder import State
 from showattend.models.packed import decoding
 from showattend.vocab import END_ID, PAD_ID, START_ID, UNK_ID
@@ -299,16 +300,19 @@ class Sampled(NamedTuple):
 @torch.no_grad()
 @_packed_weights
 def sample(model, feats: torch.Tensor, max_len: int = 20, temperature: float = 1.0,
-           generator: torch.Generator | None = None) -> Sampled:
-    """Draw one caption per row of feats (B, L, D) from p(w_t | w_<t, image)^(1/temperature):
-    the same step function as decoding; <pad> and <start> are never drawn, and <end> is forced
-    after ``max_len`` words. Stochastic attention samples its locations too (its training mode,
-    "sample"), soft attention uses its expected context. Draws come from ``generator`` or the
-    global stream (which a checkpoint saves, so resumed runs repeat them)."""
+           generator: torch.Generator | None = None, repeats: int = 1) -> Sampled:
+    """Draw ``repeats`` captions per row of feats (B, L, D), image-major (B·repeats rows), from
+    p(w_t | w_<t, image)^(1/temperature): the same step function as decoding; <pad> and <start>
+    are never drawn, and <end> is forced after ``max_len`` words. Stochastic attention samples
+    its locations too (its training mode, "sample"), soft attention uses its expected context.
+    Draws come from ``generator`` or the global stream (which a checkpoint saves, so resumed runs
+    repeat them). The attention memory is computed once per image, as in beam search."""
     mode = "sample" if getattr(model, "stochastic", False) else "expectation"
-    b, dev = feats.shape[0], feats.device
+    b, dev = feats.shape[0] * repeats, feats.device
     mem = model.memory(feats)
-    state = model.decoder.init_state(feats)
+    if repeats > 1 and not getattr(model.decoder.attention, "shares_memory", False):
+        mem = repeat_rows(mem, repeats)
+    state = repeat_rows(model.decoder.init_state(feats), repeats)
     prev = torch.full((b,), START_ID, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     noise = torch.rand(b, max_len + 1, device=dev, generator=generator) \

@@ -231,3 +231,25 @@ def test_scst_run_from_a_cross_entropy_checkpoint_resumes_bit_identical(shapes_d
         assert set(xe) == set(m2)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard", "local", "glimpse_hard", "glimpse_stn"])
+def test_samples_drawn_per_image_equal_samples_of_repeated_rows(kind):
+    """The self-critical K samples per image (memory once per image) are the draws, and the
+    replay the log-probabilities and maps, of the image's rows repeated K times."""
+    from showattend.decoding import sample
+
+    model = tiny_model(kind).eval()
+    feats = model.encode(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    rep = feats.repeat_interleave(4, 0)
+    torch.manual_seed(5)
+    a = sample(model, rep, 6)
+    torch.manual_seed(5)
+    b = sample(model, feats, 6, repeats=4)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    caps = torch.cat([torch.full_like(a.tokens[:, :1], 1), a.tokens], 1)
+    ra = model(None, caps, feats=rep, noise=a.noise)
+    rb = model(None, caps, feats=feats, noise=b.noise, repeats=4)
+    tol = dict(rtol=1e-5, atol=1e-6)  # same float32 products, possibly other GEMM blocking
+    torch.testing.assert_close(rb.packed_logits, ra.packed_logits, **tol)
+    torch.testing.assert_close(rb.alphas, ra.alphas, **tol)

@@ -211,6 +211,13 @@ class Memory(NamedTuple):
     crops: torch.Tensor  # (B, L, D) hard: mean of the k×k window around each cell (== feats for k=1)
 
 
+def repeat_rows(t: tuple, k: int) -> tuple:
+    """Each tensor of a NamedTuple (memory, state) with its rows repeated k times, image-major."""
+    if k == 1:
+        return t
+    return type(t)(*(x.repeat_interleave(k, 0) if isinstance(x, torch.Tensor) else x for x in t))
+
+
 class AttentionOutput(NamedTuple):
     context: torch.Tensor  # (B, D)
     alpha: torch.Tensor  # (B, L) attention distribution

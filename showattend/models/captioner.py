@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from showattend.models.attention import Memory
+from showattend.models.attention import Memory, repeat_rows
 from showattend.models.decoder import Decoder
 from showattend.models.ensemble import EnsembleDecoder
 from showattend.models.encoder import Encoder, build_encoder
@@ -148,18 +148,21 @@ class Captioner(nn.Module):
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor, mode: str | None = None,
                 mix: torch.Tensor | None = None, feats: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> CaptionerOutput:
+                noise: torch.Tensor | None = None, repeats: int = 1) -> CaptionerOutput:
         """Teacher forcing: captions (B, T+1) = <start> w… <end> <pad>…; predicts captions[:, 1:].
 
         Outputs at padded target positions are zeros (the losses mask them). ``noise`` (B, T):
         uniform draws that fix the sampled hard-attention locations (drawn if None).
+        ``repeats``: captions hold ``repeats`` rows per image, image-major (self-critical
+        samples); the attention memory is computed once per image and its rows repeated.
         """
         mode = mode or self.default_mode()
         if feats is None:
             feats = self.encode(images)  # (B, L, D)
         lengths = (captions[:, 1:] != PAD_ID).sum(1)  # (B,) real target tokens
-        out = self.decoder.teacher_forced(self.memory(feats), self.decoder.init_state(feats),
-                                          captions[:, :-1], lengths, mode, mix, noise)
+        mem = repeat_rows(self.memory(feats), repeats)
+        state = repeat_rows(self.decoder.init_state(feats), repeats)
+        out = self.decoder.teacher_forced(mem, state, captions[:, :-1], lengths, mode, mix, noise)
         return CaptionerOutput(*out)
 
     def forward_stepwise(self, images: torch.Tensor, captions: torch.Tensor,

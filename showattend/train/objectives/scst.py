@@ -106,10 +106,9 @@ class SelfCritical(Objective):
         k, max_len = s.samples, self.cfg.eval.max_len
         feats = imgs if features else core.encode(imgs)  # (B, L, D)
         keys = [int(i) for i in image_ids.tolist()]
-        rep = feats.repeat_interleave(k, 0)  # (B·K, L, D) image-major
-        rep_keys = [i for i in keys for _ in range(k)]
+        rep_keys = [i for i in keys for _ in range(k)]  # the B·K samples, image-major
         with _no_dropout(model):
-            drawn = sample(core, rep.detach(), max_len)
+            drawn = sample(core, feats.detach(), max_len, repeats=k)
             reward = self.rewards(drawn.tokens, rep_keys).to(feats.device)  # (B·K,)
             greedy_r = None
             if s.baseline == "greedy" or stats or (state.step + 1) % self.cfg.train.log_every == 0:
@@ -118,7 +117,7 @@ class SelfCritical(Objective):
             base = (greedy_r.repeat_interleave(k) if s.baseline == "greedy"
                     else leave_one_out_baseline(reward.view(-1, k)).flatten())  # (B·K,)
             caps_s = torch.cat([torch.full_like(drawn.tokens[:, :1], START_ID), drawn.tokens], 1)
-            out = model(None, caps_s, feats=rep, noise=drawn.noise)
+            out = model(None, caps_s, feats=feats, noise=drawn.noise, repeats=k)
         targets = caps_s[:, 1:]  # (B·K, T)
         mask = targets != PAD_ID
         tok_logp = -token_nll(out, targets) + out.log_probs * core.stochastic  # (B·K, T)
