@@ -127,6 +127,8 @@ class ScstConfig:
 
     samples: int = 5  # captions drawn per image (K)
     baseline: str = "mean"  # "mean": of the image's other K−1 samples | "greedy": greedy caption
+    end_token: bool = False  # the reward counts <end> as a word of samples and references alike,
+    #   so a caption that stops mid-phrase ("a man is sitting on a") loses the n-grams that end it
 
 
 @dataclass(frozen=True)

@@ -94,9 +94,10 @@ WORDS = ["a", "dog", "cat", "runs", "on", "grass", "red", "ball", "the", "man", 
          "snow", "boy", "jumps", "sits"]
 
 
-def _bound(cfg: C.Config, *, samples: int = 4, baseline: str = "mean") -> SelfCritical:
+def _bound(cfg: C.Config, *, samples: int = 4, baseline: str = "mean",
+           end_token: bool = False) -> SelfCritical:
     cfg = C.replace(cfg, train={"objective": "scst", "log_every": 1000},
-                    scst={"samples": samples, "baseline": baseline})
+                    scst={"samples": samples, "baseline": baseline, "end_token": end_token})
     vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", *WORDS])
     refs = ["a dog runs on the grass", "a dog in the snow", "the red ball", "a man in the water",
             "a boy jumps in the water", "the cat sits on the grass"]
@@ -253,3 +254,22 @@ def test_samples_drawn_per_image_equal_samples_of_repeated_rows(kind):
     tol = dict(rtol=1e-5, atol=1e-6)  # same float32 products, possibly other GEMM blocking
     torch.testing.assert_close(rb.packed_logits, ra.packed_logits, **tol)
     torch.testing.assert_close(rb.alphas, ra.alphas, **tol)
+
+
+def test_end_token_reward_scores_how_a_caption_ends():
+    """scst.end_token: <end> is a word of samples and references, so of two captions with the
+    same words the one that stops where the references stop scores higher; without it the two
+    tie."""
+    vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", *WORDS])
+
+    def ids(text):
+        return torch.tensor([[vocab.stoi[w] for w in text.split()] + [2]])
+
+    done, cut = ids("a dog runs on the grass"), ids("the grass a dog runs on")
+    toks = torch.cat([done, cut])
+    plain = _bound(C.Config()).rewards(toks, [0, 0])
+    ended = _bound(C.Config(), end_token=True).rewards(toks, [0, 0])
+    assert float(ended[0]) > float(ended[1])
+    assert float(plain[0]) > float(plain[1])  # word order already counts (bigrams) ...
+    gap = lambda r: float(r[0] - r[1]) / float(r[0])  # noqa: E731
+    assert gap(ended) > gap(plain)  # ... the ending adds "grass <end>" and "on <end>" misses

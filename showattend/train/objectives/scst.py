@@ -82,7 +82,8 @@ class SelfCritical(Objective):
 
     def bind(self, data: TrainingData) -> None:
         self.vocab: Vocab = data.vocab
-        self.refs = {r.image_id: [" ".join(tokenize(c)) for c in r.captions]
+        self.end = " <end>" if self.cfg.scst.end_token else ""
+        self.refs = {r.image_id: [" ".join(tokenize(c)) + self.end for c in r.captions]
                      for r in data.records if r.captions}
         self.cider = CiderD(self.refs)  # document frequencies of the training references, once
         self.boxes: BoxSupervision | None = None
@@ -91,8 +92,9 @@ class SelfCritical(Objective):
             self.boxes.bind(data)
 
     def words(self, tokens: torch.Tensor) -> list[str]:
-        """(N, T) sampled ids → space-joined words (up to <end>)."""
-        return [" ".join(self.vocab.decode(row)) for row in tokens.tolist()]
+        """(N, T) sampled ids → space-joined words (up to <end>; "<end>" appended with
+        ``scst.end_token``, as the references have it then)."""
+        return [" ".join(self.vocab.decode(row)) + self.end for row in tokens.tolist()]
 
     def rewards(self, tokens: torch.Tensor, keys: list[int]) -> torch.Tensor:
         return torch.from_numpy(self.cider.score(self.words(tokens), keys)).float()
