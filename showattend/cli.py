@@ -392,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True,
                    help="TOML config file, or a built-in config name (demo, coco_soft, ...)")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
-    t.add_argument("--init", metavar="CK", help="start from this checkpoint's weights "
-                   "(train.init; e.g. a cross-entropy best.pt for train.objective = \"scst\")")
+    t.add_argument("--init", metavar="CK", help="start from this checkpoint's weights or a "
+                   "shipped model's (train.init; e.g. a cross-entropy best.pt or \"flickr8k\" "
+                   "for train.objective = \"scst\")")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="train.precision: auto = bf16 where the device has fast bf16 (default: the config's, fp32)")
     t.add_argument("--no-test", action="store_true", help="end without evaluating best.pt on "
