@@ -183,8 +183,8 @@ def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
     # the others get K copies
     shared = bool(getattr(model.decoder.attention, "shares_memory", False))
     if not shared:
-        mem = type(mem)(*(x.repeat_interleave(k, 0) for x in mem))  # each (B·K, ...)
-    state = State(*(x.repeat_interleave(k, 0) for x in model.decoder.init_state(feats)))
+        mem = repeat_rows(mem, k)  # each (B·K, ...)
+    state = repeat_rows(model.decoder.init_state(feats), k)
     scores = torch.zeros(b, k, device=dev)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     prev = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)
