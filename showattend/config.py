@@ -107,7 +107,11 @@ class HardConfig:
     baseline_decay: float = 0.9  # b ← decay·b + (1−decay)·mean(r)
     mix_prob: float = 0.5  # probability of using the expected (soft) context
     mix_mode: str = "batch"  # "batch" | "sample" | "off"
-    n_samples: int = 1  # location samples per image
+    n_samples: int = 1  # location samples per caption (the baseline "loo" needs >= 2)
+    baseline: str = "moving"  # "moving": average of past rewards | "loo": mean of the caption's
+    #   other n_samples − 1 location samples (leave-one-out, no state)
+    reward: str = "caption"  # "caption": log p of the whole caption for every location |
+    #   "to_go": location t gets log p of words t… (needs baseline "loo": per-word baselines)
     warm_start: str = ""  # soft checkpoint to initialise from
 
 
@@ -327,6 +331,8 @@ _CHOICES = {
     ("attention", "test_mode"): ("expectation", "argmax", "sample", "mc"),
     ("decoder", "beta"): ("none", "scalar", "channel"),
     ("hard", "mix_mode"): ("batch", "sample", "off"),
+    ("hard", "baseline"): ("moving", "loo"),
+    ("hard", "reward"): ("caption", "to_go"),
     ("train", "val_metric"): ("BLEU-4", "CIDEr"),
     ("train", "nan_policy"): ("stop", "skip"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
@@ -389,6 +395,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("hard.lambda_r, hard.lambda_e and train.alpha_c must be >= 0")
     if not 0.0 <= cfg.hard.mix_prob <= 1.0:
         raise ConfigError("hard.mix_prob must be in [0, 1]")
+    if cfg.hard.baseline == "loo" and cfg.hard.n_samples < 2:
+        raise ConfigError("hard.baseline = \"loo\" needs hard.n_samples >= 2 (each sample's "
+                          "baseline is the mean of the caption's other samples)")
+    if cfg.hard.reward == "to_go" and cfg.hard.baseline != "loo":
+        raise ConfigError("hard.reward = \"to_go\" needs hard.baseline = \"loo\" (a baseline "
+                          "per word: one moving average cannot follow the reward's length)")
     if cfg.eval.no_repeat_ngram == 1:
         raise ConfigError("eval.no_repeat_ngram = 1 would forbid repeating any word; use 0 (off) "
                           "or n >= 2")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -281,10 +282,31 @@ def decode(model, feats: torch.Tensor, beam: int = 1, max_len: int = 20, length_
            allow_unk: bool = False) -> Decoded:
     """Greedy for beam 1, beam search otherwise (``keep_beams``: B·beam rows, see beam_search).
     The unknown word is never generated unless ``allow_unk`` (``eval.allow_unk``)."""
+    mode = applicable_mode(model, mode)
     if beam <= 1:
         return greedy(model, feats, max_len, mode, no_repeat_ngram, allow_unk)
     return beam_search(model, feats, beam, max_len, length_norm, mode, no_repeat_ngram,
                        keep_beams=keep_beams, allow_unk=allow_unk)
+
+
+_MODE_WARNED: set[str] = set()
+
+
+def applicable_mode(model, mode: str | None) -> str | None:
+    """``mode`` where the model's attention kind reads it (soft and hard attention and their
+    glimpses); otherwise None, said once per kind in one log line instead of ignored silently."""
+    if mode is None:
+        return None
+    attn = model.decoder.attention
+    if mode in getattr(attn, "test_modes", ("expectation",)):
+        return mode
+    kind = str(getattr(attn, "mode_label", getattr(attn, "kind", type(attn).__name__)))
+    if kind not in _MODE_WARNED:
+        _MODE_WARNED.add(kind)
+        logging.getLogger(__name__).warning(
+            "--mode %s does not apply to %s attention (it always decodes with its own context); "
+            "ignored", mode, kind)
+    return None
 
 
 class Sampled(NamedTuple):

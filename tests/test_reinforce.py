@@ -155,8 +155,10 @@ def test_baseline_update_rule_through_train_step(monkeypatch, mix_mode):
     calls = []
     real = H.reinforce_loss
 
-    def spy(logits, targets_, log_probs, entropies, baseline, lambda_r, lambda_e, sampled=None):
-        hl = real(logits, targets_, log_probs, entropies, baseline, lambda_r, lambda_e, sampled)
+    def spy(logits, targets_, log_probs, entropies, baseline, lambda_r, lambda_e, sampled=None,
+            reward_kind="caption"):
+        hl = real(logits, targets_, log_probs, entropies, baseline, lambda_r, lambda_e, sampled,
+                  reward_kind)
         calls.append((baseline, hl.reward.clone(), sampled.clone(), logits.logits.detach()))
         return hl
 

@@ -242,9 +242,14 @@ def _grouped_context(alpha: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 class SoftAttention(nn.Module):
-    """Deterministic soft attention: z = Σ_i α_i a_i."""
+    """Deterministic soft attention: z = Σ_i α_i a_i.
+
+    At decoding only, ``mode`` "argmax" / "sample" / "mc" replace the weighted mean by the
+    annotation of the chosen cell (the most attended, one drawn from α, the mean of 8 drawn):
+    how far the soft model is from a hard one reading the same α."""
 
     kind = "soft"
+    test_modes = ("expectation", "argmax", "sample", "mc")  # what ``mode`` changes at decoding
     stochastic = False  # trained by backpropagation alone (no sampled locations)
     needs_pixels = False  # attends to annotations only (glimpses read the image itself)
     shares_memory = True  # g state rows per image (beam search) against one memory per image
@@ -261,9 +266,32 @@ class SoftAttention(nn.Module):
                 mix: torch.Tensor | None = None, noise: torch.Tensor | None = None
                 ) -> AttentionOutput:
         alpha = torch.softmax(self.score(mem.keys, h), dim=-1)  # (B·g, L)
-        context = _grouped_context(alpha, mem.feats)  # (B·g, D)
         zeros = alpha.new_zeros(alpha.shape[0])
-        return AttentionOutput(context, alpha, zeros, _entropy(alpha), alpha.argmax(-1))
+        if mode in ("expectation", "") or mode is None:
+            context = _grouped_context(alpha, mem.feats)  # (B·g, D)
+            return AttentionOutput(context, alpha, zeros, _entropy(alpha), alpha.argmax(-1))
+        # A probe, never training: decode with one chosen cell's annotation instead of the
+        # weighted mean, as a hard model with window 1 would from the same α.
+        img = torch.arange(len(alpha), device=alpha.device) // _group(len(mem.feats), alpha)
+        if mode == "mc":
+            locs = torch.multinomial(alpha.detach().float(), 8, replacement=True)  # (B·g, 8)
+            context = mem.feats[img.unsqueeze(1), locs].mean(1)
+            return AttentionOutput(context, alpha, zeros, _entropy(alpha), alpha.argmax(-1))
+        loc = alpha.argmax(-1) if mode == "argmax" else inverse_cdf(alpha, noise)  # (B·g,)
+        if mode not in ("argmax", "sample"):
+            raise ValueError(f"unknown attention mode {mode!r}")
+        return AttentionOutput(mem.feats[img, loc], alpha, zeros, _entropy(alpha), loc)
+
+
+def inverse_cdf(alpha: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One location per row drawn from α (B, L): the first cell whose CDF exceeds u · total for
+    u = ``noise`` (B,) uniform in [0, 1) (drawn here when None). Scaling by the total keeps a CDF
+    that ends just below 1 in float32 from sending u to the last cell; the clamp is a guard."""
+    if noise is None:
+        noise = torch.rand(len(alpha), device=alpha.device)  # (B,)
+    cdf = alpha.detach().cumsum(-1)  # (B, L)
+    u = noise.unsqueeze(1) * cdf[:, -1:]  # (B, 1)
+    return (cdf <= u).sum(-1).clamp_max(alpha.shape[1] - 1)  # (B,)
 
 
 class HardAttention(nn.Module):
@@ -277,6 +305,7 @@ class HardAttention(nn.Module):
     """
 
     kind = "hard"
+    test_modes = ("expectation", "argmax", "sample", "mc")
     stochastic = True  # sampled locations: REINFORCE terms in training, a test_mode at decoding
     needs_pixels = False
     shares_memory = True
@@ -321,13 +350,7 @@ class HardAttention(nn.Module):
         if mode == "argmax":
             loc = alpha.argmax(-1)  # (B,)
         elif mode == "sample":
-            if noise is None:
-                noise = torch.rand(len(alpha), device=alpha.device)  # (B,)
-            cdf = alpha.detach().cumsum(-1)  # (B, L)
-            # first cell whose CDF exceeds u · total: scaling by the total keeps a CDF that ends
-            # just below 1 in float32 from sending u to the last cell; the clamp is a guard only
-            u = noise.unsqueeze(1) * cdf[:, -1:]  # (B, 1)
-            loc = (cdf <= u).sum(-1).clamp_max(alpha.shape[1] - 1)  # (B,)
+            loc = inverse_cdf(alpha, noise)  # (B,)
         elif mode == "mc":
             locs = torch.multinomial(alpha.detach(), self.mc_samples, replacement=True)  # (B, S)
             context = mem.crops[img.unsqueeze(1), locs].mean(1)  # (B·g, S, D) → (B·g, D)

@@ -45,6 +45,7 @@ class _Attention:
         first = members[0].attention
         self.grid = first.grid
         self.kind = first.kind
+        self.mode_label = f"an ensemble's {first.kind}"  # decoding.applicable_mode's line
         self.window = int(getattr(first, "window", 1))
         self.shares_memory = bool(getattr(first, "shares_memory", False))
         self.stochastic = False

@@ -45,6 +45,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"heads must all be soft or all local, got {sorted(kinds)}")
         self.heads = nn.ModuleList(heads)
         self.kind = heads[0].kind
+        self.mode_label = f"multi-head {self.kind}"  # decoding.applicable_mode's line
         # each head reads its own keys and values per image: g state rows per image work when
         # the heads' kind supports them (soft does; see attention.py)
         self.shares_memory = bool(getattr(heads[0], "shares_memory", False))
