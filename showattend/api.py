@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from showattend.data.folder import image_batches, iter_image_paths
 from showattend.data.images import ImageLoadError, Preprocessor
 from showattend.decoding import decode
 from showattend.loading import load_model
+from showattend.records import CaptionRecord
 from showattend.report import ModelInfo, Report
 from showattend.vocab import Vocab
 
@@ -34,37 +35,9 @@ if TYPE_CHECKING:
 ImageLike = str | os.PathLike | Image.Image
 
 
-@dataclass
-class Caption:
-    """One captioned image."""
-
-    image: str
-    caption: str
-    words: list[str]
-    score: float  # log p(caption) under the model
-    attention: np.ndarray  # (n_words, h, w), each map sums to 1
-    beta: np.ndarray  # (n_words,) gate value per word
-    locations: np.ndarray  # (n_words,) attended grid cell (argmax or sampled)
-    # the window looked at per word (px): hard-attention crop, glimpse window, local window
-    boxes: list[tuple[float, float, float, float]] | None
-    view: np.ndarray = field(repr=False)  # (H, W, 3) uint8: the preprocessed image the model saw
-    # caption(..., alternatives=True): the K beam hypotheses, ranked (the first is this caption)
-    alternatives: list[Caption] = field(default_factory=list, repr=False, compare=False)
-    # multi-head attention: (n_words, heads, h, w) one map per head (``attention`` is their mean)
-    head_attention: np.ndarray | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON record: image, caption, words, score, attention (per word H×W), beta; boxes
-        where a window was looked at; head_attention (per word, per head H×W) for several heads."""
-        rec = {"image": self.image, "caption": self.caption, "words": self.words,
-               "score": round(self.score, 6),
-               "attention": np.round(self.attention, 6).tolist(),
-               "beta": np.round(self.beta, 6).tolist()}
-        if self.boxes is not None:
-            rec["boxes"] = [list(b) for b in self.boxes]
-        if self.head_attention is not None:
-            rec["head_attention"] = np.round(self.head_attention, 6).tolist()
-        return rec
+class Caption(CaptionRecord):
+    """One captioned image (:class:`~showattend.records.CaptionRecord`); in Jupyter it shows
+    itself as the interactive attention view."""
 
     def _repr_html_(self) -> str:
         """Jupyter: the interactive attention view of this caption (words, maps, β, beams)."""

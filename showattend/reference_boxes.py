@@ -20,7 +20,7 @@ from showattend.data.entities import EntitiesError, PhotoEntities, read_entities
 from showattend.data.images import Preprocessor
 
 if TYPE_CHECKING:
-    from showattend.api import Caption
+    from showattend.records import CaptionRecord as Caption
 
 __all__ = ["EntitiesSource", "caption_word_scores", "file_size", "per_word", "photos_for_images"]
 

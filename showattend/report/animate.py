@@ -19,7 +19,7 @@ from showattend.io import atomic_write_bytes
 from showattend.visualize import upsample_attention
 
 if TYPE_CHECKING:
-    from showattend.api import Caption
+    from showattend.records import CaptionRecord as Caption
 
 __all__ = ["caption_frames", "heat_rgba", "save_animation"]
 

@@ -32,9 +32,9 @@ from showattend.data.images import Preprocessor
 from showattend.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from showattend.api import Caption, CaptionerAPI
     from showattend.attention_grounding import WordScore
     from showattend.data.entities import PhotoEntities
+    from showattend.records import CaptionRecord as Caption, CaptionSource as CaptionerAPI
     from showattend.reference_boxes import EntitiesSource
 
 __all__ = ["ModelInfo", "Entry", "Report", "decode_maps", "encode_maps", "image_data_uri",

@@ -1,0 +1,70 @@
+"""The records a captioning model returns: one class, below the API, the report and the page.
+
+:class:`CaptionRecord` holds one captioned image — words, score, maps, gates, locations, boxes —
+and, for an explained caption (:mod:`showattend.explain`), each word's log p, rank and the
+model's top words. Everything that reads captions (the report, the page, the grounding measures,
+animations) imports it from here, so no module below the API needs the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+__all__ = ["CaptionRecord", "CaptionSource"]
+
+
+@dataclass
+class CaptionRecord:
+    """One captioned image: the record ``caption`` and ``explain`` return (the API's
+    :class:`~showattend.api.Caption` adds the notebook view), and what the report, the page and
+    the grounding measures read."""
+
+    image: str
+    caption: str
+    words: list[str]
+    score: float  # log p(caption) under the model
+    attention: np.ndarray  # (n_words, h, w), each map sums to 1
+    beta: np.ndarray  # (n_words,) gate value per word
+    locations: np.ndarray  # (n_words,) attended grid cell (argmax or sampled)
+    # the window looked at per word (px): hard-attention crop, glimpse window, local window
+    boxes: list[tuple[float, float, float, float]] | None
+    view: np.ndarray = field(repr=False)  # (H, W, 3) uint8: the preprocessed image the model saw
+    # caption(..., alternatives=True): the K beam hypotheses, ranked (the first is this caption)
+    alternatives: list[CaptionRecord] = field(default_factory=list, repr=False, compare=False)
+    # multi-head attention: (n_words, heads, h, w) one map per head (``attention`` is their mean)
+    head_attention: np.ndarray | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON record: image, caption, words, score, attention (per word H×W), beta; boxes
+        where a window was looked at; head_attention (per word, per head H×W) for several heads."""
+        rec = {"image": self.image, "caption": self.caption, "words": self.words,
+               "score": round(self.score, 6),
+               "attention": np.round(self.attention, 6).tolist(),
+               "beta": np.round(self.beta, 6).tolist()}
+        if self.boxes is not None:
+            rec["boxes"] = [list(b) for b in self.boxes]
+        if self.head_attention is not None:
+            rec["head_attention"] = np.round(self.head_attention, 6).tolist()
+        return rec
+
+
+class CaptionSource(Protocol):
+    """What the report and the page ask of a loaded model (:class:`showattend.api.CaptionerAPI`
+    is one): its attention kind, model, preprocessing and config, and captions of files."""
+
+    model: Any
+    preprocess: Any
+    config: Any
+
+    @property
+    def attention_kind(self) -> str: ...
+
+    def caption_paths(self, inputs: Sequence[str | Path], beam: int | None = None,
+                      mode: str | None = None, batch_size: int = 16, workers: int | None = None,
+                      alternatives: bool = False
+                      ) -> Iterator[tuple[Path, CaptionRecord | None, str | None]]: ...
