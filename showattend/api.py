@@ -26,7 +26,7 @@ from showattend.decoding import decode
 from showattend.loading import load_model
 from showattend.records import CaptionRecord
 from showattend.report import ModelInfo, Report
-from showattend.vocab import Vocab
+from showattend.vocab import UNK_ID, Vocab
 
 if TYPE_CHECKING:
     from showattend.attention_grounding import WordScore
@@ -163,25 +163,30 @@ class CaptionerAPI:
 
     def _row_caption(self, dec, row: int, name: str, view: np.ndarray, mode) -> Caption:
         """The Caption held in row ``row`` of a decoding result."""
-        gh, gw = self.model.grid
         n = int(dec.lengths[row])
         words = self.vocab.decode(dec.tokens[row, :n].tolist())
-        locs = dec.locations[row, :n].cpu().numpy()
+        return self._record(name, words, float(dec.scores[row]), dec, row, view, mode)
+
+    def _record(self, name: str, words: list[str], score: float, steps, row: int,
+                view: np.ndarray, mode) -> Caption:
+        """A Caption from row ``row`` of per-step outputs (``steps``: a decoding result or a
+        teacher-forced pass: alphas, betas, locations, aux), its first len(words) steps."""
+        gh, gw = self.model.grid
+        n = len(words)
+        locs = steps.locations[row, :n].cpu().numpy()
         boxes = None
+        mode = mode or self.model.test_mode
         # a crop box exists where one location was used: argmax or sample (not expectation/mc)
-        if self.attention_kind == "hard" and (mode or self.model.test_mode) in ("argmax",
-                                                                                "sample"):
-            boxes = crop_boxes(locs, (gh, gw), self.model.decoder.attention.window,
+        if self.attention_kind in ("hard", "soft") and mode in ("argmax", "sample"):
+            boxes = crop_boxes(locs, (gh, gw), getattr(self.model.decoder.attention, "window", 1),
                                view.shape[:2])
-        boxes, heads = _aux_for_caption(dec.aux, row, n, view.shape[:2], (gh, gw), boxes,
-                                        self.model.stochastic
-                                        and (mode or self.model.test_mode)
-                                        not in ("argmax", "sample"))
+        boxes, heads = _aux_for_caption(steps.aux, row, n, view.shape[:2], (gh, gw), boxes,
+                                        self.model.stochastic and mode not in ("argmax", "sample"))
         return Caption(
-            image=name, caption=" ".join(words), words=words, score=float(dec.scores[row]),
+            image=name, caption=" ".join(words), words=words, score=score,
             # .float(): numpy has no bfloat16
-            attention=dec.alphas[row, :n].reshape(n, gh, gw).float().cpu().numpy(),
-            beta=dec.betas[row, :n].float().cpu().numpy(), locations=locs, boxes=boxes,
+            attention=steps.alphas[row, :n].reshape(n, gh, gw).float().cpu().numpy(),
+            beta=steps.betas[row, :n].float().cpu().numpy(), locations=locs, boxes=boxes,
             view=view, head_attention=heads)
 
     def caption_paths(self, inputs: Sequence[str | os.PathLike], beam: int | None = None,
@@ -203,6 +208,100 @@ class CaptionerAPI:
             for it in items:
                 yield (it.path, None, it.error) if it.error is not None else (it.path, next(caps),
                                                                              None)
+
+    @torch.no_grad()
+    def explain(self, images: Sequence[ImageLike] | ImageLike,
+                texts: str | Sequence[str] | Sequence[Sequence[str]], mode: str | None = None,
+                beam: int | None = None, batch_size: int = 16) -> Captions:
+        """Where the model looks for words a person writes: each text fed word by word to the
+        model on each image (teacher forcing, :mod:`showattend.explain`). ``texts``: one text or
+        a list of texts for every image, or a list of lists, one per image. Returns one Caption
+        per (image, text), image-major, with ``logp``, ``rank``, ``top`` per word, ``end_logp``,
+        ``unknown`` and the model's own caption (``model_caption``, ``model_score``; beam
+        ``beam``, default the config's). ``score`` is the text's total log p, <end> included.
+        A text with no word raises :class:`~showattend.explain.ExplainError`."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        images = list(images)
+        if isinstance(texts, str):
+            texts = [texts]
+        per_image = (list(texts) if texts and not isinstance(texts[0], str)
+                     else [list(texts)] * len(images))
+        if len(per_image) != len(images):
+            raise ValueError(f"{len(per_image)} lists of texts for {len(images)} images")
+        out: list[Caption] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start: start + batch_size]
+            views = [self.preprocess.view(im) for im in chunk]
+            batch = torch.stack([self.preprocess.normalize(v) for v in views])
+            names = [str(src) if not isinstance(src, Image.Image) else "<PIL.Image>"
+                     for src in chunk]
+            for recs in self._explain_batch(names, views, batch,
+                                            per_image[start: start + batch_size], mode, beam):
+                out.extend(recs)
+        return Captions(out, model={
+            "attention": self.attention_kind, "grid": tuple(self.model.grid),
+            "beam": beam or self.config.eval.beam, "mode": mode or self.model.test_mode,
+            "window": int(getattr(self.model.decoder.attention, "window", 1))})
+
+    def explain_paths(self, inputs: Sequence[str | os.PathLike], texts_for, mode: str | None = None,
+                      beam: int | None = None, batch_size: int = 16, workers: int | None = None
+                      ) -> Iterator[tuple[Path, list[Caption] | None, str | None]]:
+        """:meth:`explain` over files and folders: ``texts_for(path)`` gives each image's texts
+        (an image with none is skipped). Yields (path, records, None) or (path, None, reason)."""
+        from showattend.explain import ExplainError
+
+        paths = [p for p in iter_image_paths(inputs)]
+        for items in image_batches(paths, self.preprocess, batch_size, workers):
+            good = [it for it in items if it.error is None and texts_for(it.path)]
+            try:
+                recs = iter(self._explain_batch(
+                    [str(it.path) for it in good], [it.view for it in good],
+                    torch.stack([it.pixels for it in good]), [texts_for(it.path) for it in good],
+                    mode, beam) if good else [])
+            except ExplainError:
+                raise
+            for it in items:
+                if it.error is not None:
+                    yield it.path, None, it.error
+                elif texts_for(it.path):
+                    yield it.path, next(recs), None
+
+    def _explain_batch(self, names: list[str], views: list[np.ndarray], batch: torch.Tensor,
+                       texts: list[Sequence[str]], mode: str | None, beam: int | None
+                       ) -> list[list[Caption]]:
+        from showattend.explain import encode_text, teacher_force
+
+        encoded = [[encode_text(self.vocab, t) for t in ts] for ts in texts]
+        with runtime.autocast(self.precision, self.device):  # precision.py
+            feats = self.model.encode(batch.to(self.device))  # (B, L, D)
+            forced, g = teacher_force(self.model, feats, encoded, mode,
+                                      self.config.eval.allow_unk)
+            own = decode(self.model, feats, beam=beam or self.config.eval.beam,
+                         max_len=self.config.eval.max_len,
+                         length_norm=self.config.eval.length_norm, mode=mode,
+                         no_repeat_ngram=self.config.eval.no_repeat_ngram,
+                         allow_unk=self.config.eval.allow_unk)
+        itos = self.vocab.itos
+        out = []
+        for i, ts in enumerate(encoded):
+            mine = self._row_caption(own, i, names[i], views[i], mode)
+            recs = []
+            for j, t in enumerate(ts):
+                r, n = i * g + j, len(t.words)
+                lp = forced.logp[r, :n + 1].float().cpu()
+                rec = self._record(names[i], t.words, float(lp.sum()), forced, r, views[i], mode)
+                rec.text, rec.logp, rec.end_logp = t.text, lp[:n].numpy(), float(lp[n])
+                rec.rank = forced.rank[r, :n].cpu().numpy()
+                rec.top = [[(itos[int(w)], float(v)) for w, v in zip(ws, vs)]
+                           for ws, vs in zip(forced.top_ids[r, :n].tolist(),
+                                             forced.top_logp[r, :n].float().tolist())]
+                rec.unknown = list(t.unknown)
+                rec.unknown_at = [k for k, w in enumerate(t.ids) if w == UNK_ID]
+                rec.model_caption, rec.model_score = mine.caption, mine.score
+                recs.append(rec)
+            out.append(recs)
+        return out
 
     def word_scores(self, caption: Caption, photo: PhotoEntities,
                     image_size: tuple[int, int] | None = None) -> list[WordScore]:
@@ -230,9 +329,16 @@ class CaptionerAPI:
                                          caption.head_attention, boxes=caption.boxes,
                                          title=caption.caption, ref_boxes=refs,
                                          ref_scores=correct)
+        notes, title = None, caption.caption
+        if caption.logp is not None:  # an explained text: log p per word, unknown words marked
+            unk = set(caption.unknown_at or ())
+            notes = [f"log p {lp:.2f}" + (" · not in vocab (<unk>)" if k in unk else "")
+                     for k, lp in enumerate(caption.logp)]
+            title = (f"explained: \"{caption.caption}\"  log p {caption.score:.2f} (<end> "
+                     f"included)\nthe model's own: \"{caption.model_caption}\"  log p {caption.model_score:.2f}")
         return attention_figure(caption.view, caption.words, caption.attention, caption.beta,
-                                boxes=caption.boxes, title=caption.caption, ref_boxes=refs,
-                                ref_scores=correct)
+                                boxes=caption.boxes, title=title, ref_boxes=refs,
+                                ref_scores=correct, notes=notes)
 
 
 def load(checkpoint: str | os.PathLike, device: str = "auto", int8: bool = False,

@@ -246,6 +246,73 @@ def _caption_run(args: argparse.Namespace, photos: dict, overlay_dir: Path | Non
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Teacher-force texts a person writes and show where the model looks for each word."""
+    from showattend.explain import ExplainError, gather_texts, unknown_line
+    from showattend.visualize import save_attention_figure
+
+    overlay_dir = Path(args.overlay_dir) if args.overlay_dir else None
+    if overlay_dir is not None and overlay_dir.exists() and not overlay_dir.is_dir():
+        raise UserError(f"--overlay-dir {overlay_dir} exists and is not a directory")
+    try:
+        texts_for, refs = gather_texts(args.text or [], args.texts, args.references)
+    except ExplainError as exc:
+        raise UserError(str(exc)) from None
+    import showattend
+
+    photos = _entities_for(args.entities, args.images)
+    cap = showattend.load(_default_model(args.checkpoint), device=args.device,
+                          precision=args.precision)
+    records, failed, done, unknown = [], 0, 0, []
+    used_names: set[str] = set()
+    try:
+        for path, recs, err in cap.explain_paths(args.images, texts_for, mode=args.mode,
+                                                 beam=args.beam, batch_size=args.batch_size):
+            if err is not None:
+                failed += 1
+                print(f"showattend: skipped: {err}", file=sys.stderr)
+                continue
+            done += 1
+            photo = photos.get(str(path))
+            for k, c in enumerate(recs):
+                unknown.extend(c.unknown or [])
+                grounding = cap.word_scores(c, photo) if photo is not None else None
+                if args.json:
+                    records.append(_explained_json(c, grounding))
+                else:
+                    print(f"{path}\t{c.score:.3f}\t{c.caption}\t" + " ".join(
+                        f"{w}:{lp:.2f}" for w, lp in zip(c.words, c.logp)) + f" <end>:{c.end_logp:.2f}")
+                if overlay_dir is not None:
+                    save_attention_figure(cap.overlay(c, grounding=grounding),
+                                          overlay_dir / _unique_name(Path(f"{path.stem}_{k}{path.suffix}"),
+                                                                     used_names))
+            if recs and not args.json:
+                print(f"{path}\t{recs[0].model_score:.3f}\t[model] {recs[0].model_caption}")
+    except ExplainError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        json.dump(records, sys.stdout)
+        sys.stdout.write("\n")
+    if unknown:
+        print(f"showattend: {unknown_line(unknown)}", file=sys.stderr)
+    if refs is not None and done + failed == 0:
+        raise UserError(f"no image under the given paths has a caption in {args.references}")
+    if done + failed == 0:
+        raise UserError("no images found in the given paths")
+    return 1 if failed else 0
+
+
+def _explained_json(c, grounding) -> dict:
+    """An explained caption's record, with each word's attention correctness under --entities."""
+    rec = c.to_json()
+    if grounding is not None:
+        from showattend.reference_boxes import per_word
+
+        rec["correctness"] = [None if v is None else round(float(v), 6)
+                              for v in per_word(grounding, len(c.words))[1]]
+    return rec
+
+
 def _entities_for(entities: str | None, images: list[str]) -> dict:
     """{image path: its Flickr30k Entities annotations} for ``--entities`` (empty without)."""
     if not entities:
@@ -471,6 +538,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-decoding processes running ahead of the model (default: up to "
                         "2 for more than one batch, 0 = none)")
     c.set_defaults(func=cmd_caption)
+
+    xp = sub.add_parser("explain", help="where the model looks for the words of a caption you "
+                        "write: each word teacher-forced, its map, log p, rank and the model's "
+                        "top words", epilog="example: showattend explain photo.jpg --text \"a dog "
+                        "runs on the beach\" --overlay-dir out/")
+    xp.add_argument("images", nargs="+", help="image files or folders")
+    xp.add_argument("--text", action="append", help="a caption to explain (repeat for several)")
+    xp.add_argument("--texts", help="a file of captions, one a line, each explained on every image")
+    xp.add_argument("--references", help="every reference caption of each image: COCO captions "
+                    "json, Karpathy split file or Flickr token file")
+    xp.add_argument("--checkpoint", help="checkpoint, run directory or shipped model name "
+                    "(default: the shipped photo model, flickr8k)")
+    xp.add_argument("--beam", type=int, default=None, help="beam of the model's own caption")
+    xp.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
+                    help="attention test-time mode (hard attention; soft: the chosen cell)")
+    xp.add_argument("--overlay-dir", help="one overlay PNG per explained caption, log p per word")
+    xp.add_argument("--entities", help="Flickr30k Entities annotations: each word's attention "
+                    "correctness in the records (and its boxes on the overlays)")
+    xp.add_argument("--json", action="store_true", help="print JSON records (as caption --json, "
+                    "plus text, logp, rank, top, end_logp, unknown, model_caption, model_score)")
+    xp.add_argument("--device", default="auto")
+    xp.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    xp.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    xp.set_defaults(func=cmd_explain)
 
     i = sub.add_parser("inspect", help="interactive HTML report of the attention of one or more "
                        "models on images (self-contained, opens from disk)")

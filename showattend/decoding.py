@@ -91,7 +91,7 @@ def _block_repeats(logp: torch.Tensor, hist: torch.Tensor, n: int) -> torch.Tens
     return logp
 
 
-def _packed_weights(fn: Callable[..., Decoded]) -> Callable[..., Decoded]:
+def packed_weights(fn: Callable[..., Decoded]) -> Callable[..., Decoded]:
     """Run a decoding function with the decoder's weights packed once for the whole call
     (models/packed.py): every step multiplies a few rows by the same matrices."""
 
@@ -106,7 +106,7 @@ def _packed_weights(fn: Callable[..., Decoded]) -> Callable[..., Decoded]:
 
 
 @torch.no_grad()
-@_packed_weights
+@packed_weights
 def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = None,
            no_repeat_ngram: int = 0, allow_unk: bool = False) -> Decoded:
     """Greedy decoding from annotations feats (B, L, D); <unk> is never chosen unless
@@ -145,7 +145,7 @@ def greedy(model, feats: torch.Tensor, max_len: int = 20, mode: str | None = Non
 
 
 @torch.no_grad()
-@_packed_weights
+@packed_weights
 def beam_search(model, feats: torch.Tensor, beam: int = 3, max_len: int = 20,
                 length_norm: float = 0.0, mode: str | None = None,
                 no_repeat_ngram: int = 0, keep_beams: bool = False,
@@ -320,7 +320,7 @@ class Sampled(NamedTuple):
 
 
 @torch.no_grad()
-@_packed_weights
+@packed_weights
 def sample(model, feats: torch.Tensor, max_len: int = 20, temperature: float = 1.0,
            generator: torch.Generator | None = None, repeats: int = 1) -> Sampled:
     """Draw ``repeats`` captions per row of feats (B, L, D), image-major (B·repeats rows), from

@@ -38,10 +38,24 @@ class CaptionRecord:
     alternatives: list[CaptionRecord] = field(default_factory=list, repr=False, compare=False)
     # multi-head attention: (n_words, heads, h, w) one map per head (``attention`` is their mean)
     head_attention: np.ndarray | None = None
+    # an explained text (explain.py; None for the model's own captions): the text as given, per
+    # word its log p, rank (1 = the model's first choice) and the model's top words (word, log p)
+    # at that step; log p of <end> (``score`` includes it); the words fed as <unk>
+    text: str | None = None
+    logp: np.ndarray | None = None  # (n_words,)
+    rank: np.ndarray | None = None  # (n_words,)
+    top: list[list[tuple[str, float]]] | None = None
+    end_logp: float | None = None
+    unknown: list[str] | None = None  # by name, in order
+    unknown_at: list[int] | None = None  # their positions in ``words``
+    model_caption: str | None = None  # the model's own caption of the image, and its log p
+    model_score: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON record: image, caption, words, score, attention (per word H×W), beta; boxes
-        where a window was looked at; head_attention (per word, per head H×W) for several heads."""
+        where a window was looked at; head_attention (per word, per head H×W) for several heads;
+        for an explained text also text, logp, rank, top, end_logp, unknown, unknown_at,
+        model_caption and model_score."""
         rec = {"image": self.image, "caption": self.caption, "words": self.words,
                "score": round(self.score, 6),
                "attention": np.round(self.attention, 6).tolist(),
@@ -50,6 +64,13 @@ class CaptionRecord:
             rec["boxes"] = [list(b) for b in self.boxes]
         if self.head_attention is not None:
             rec["head_attention"] = np.round(self.head_attention, 6).tolist()
+        if self.logp is not None:  # an explained text
+            rec.update(
+                text=self.text, logp=np.round(self.logp, 6).tolist(),
+                rank=[int(r) for r in self.rank], end_logp=round(float(self.end_logp), 6),
+                top=[[[w, round(v, 6)] for w, v in step] for step in self.top],
+                unknown=list(self.unknown or []), unknown_at=list(self.unknown_at or []),
+                model_caption=self.model_caption, model_score=round(float(self.model_score), 6))
         return rec
 
 

@@ -104,6 +104,7 @@ def attention_figure(
     cols: int = 5,
     ref_boxes: Sequence[Sequence[Box] | None] | None = None,
     ref_scores: Sequence[float | None] | None = None,
+    notes: Sequence[str] | None = None,
 ) -> Figure:
     """Figure: the image captioned with ``words``, then one heat-map overlay per word.
 
@@ -113,7 +114,9 @@ def attention_figure(
     ``ref_boxes`` per word: the reference boxes of the thing it names (human boxes, e.g. Flickr30k
     Entities, in the same pixels), drawn dashed green, or None for a word that names none;
     ``ref_scores`` per word: its attention correctness against them (None: none), put in the
-    panel's title. Returns a ``matplotlib.figure.Figure`` (T + 1 image axes, ``cols`` per row).
+    panel's title; ``notes`` per word: one more line under its panel title (an explained
+    caption's log p). Returns a ``matplotlib.figure.Figure`` (T + 1 image axes, ``cols`` per
+    row).
     """
     img = np.asarray(image)
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
@@ -128,6 +131,8 @@ def attention_figure(
     if boxes is not None and len(boxes) != T:
         raise ValueError(f"{len(boxes)} boxes for {T} words")
     _check_refs(ref_boxes, ref_scores, T)
+    if notes is not None and len(notes) != T:
+        raise ValueError(f"{len(notes)} notes for {T} words")
     if cols < 1:
         raise ValueError(f"cols must be >= 1, got {cols}")
 
@@ -141,8 +146,9 @@ def attention_figure(
     caption_lines = textwrap.wrap(_escape(caption), width=30) or [""]
     scored = ref_scores is not None and any(v is not None for v in ref_scores)
     has_refs = ref_boxes is not None and any(v for v in ref_boxes)
-    extra = (0.18 * (len(caption_lines) - 1) + (0.35 if title else 0.0)
-             + (0.18 * nrows if scored else 0.0) + (0.2 if has_refs else 0.0))
+    extra = (0.18 * (len(caption_lines) - 1) + (0.35 + 0.2 * title.count("\n") if title else 0.0)
+             + (0.18 * nrows if scored else 0.0) + (0.2 if has_refs else 0.0)
+             + (0.18 * nrows if notes is not None else 0.0))
     fig = _new_figure(ncols * _PANEL_INCHES, nrows * (panel_h + _TITLE_INCHES) + extra)
     if title:
         fig.suptitle(_escape(title), fontsize=11)
@@ -161,6 +167,8 @@ def attention_figure(
         label = _escape(word) if b is None else f"{_escape(word)} (β={b[t]:.2f})"
         if ref_scores is not None and ref_scores[t] is not None:
             label += f"\ncorrectness {ref_scores[t]:.2f}"
+        if notes is not None and notes[t]:
+            label += f"\n{_escape(notes[t])}"
         _heat_panel(fig.add_subplot(nrows, ncols, t + 2), img, a[t], label, 10,
                     None if boxes is None else boxes[t],
                     None if ref_boxes is None else ref_boxes[t])
