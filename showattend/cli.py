@@ -182,10 +182,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   no_repeat_ngram=args.no_repeat_ngram, int8=args.int8,
                                   entities=args.entities,
                                   allow_unk=True if args.allow_unk else None,
-                                  precision=args.precision)
+                                  precision=args.precision,
+                                  explain_references=args.explain_references)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     if "correctness" in metrics:
         print(f"photo grounding ({args.split}): {grounding_line(metrics)}", file=sys.stderr)
+    if "references/correctness" in metrics:
+        print(f"photo grounding of the reference captions, teacher forced ({args.split}): "
+              f"{grounding_line(metrics, 'references/')}", file=sys.stderr)
     return 0
 
 
@@ -502,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never repeat an n-gram in a caption, 0 = off (default: eval.no_repeat_ngram)")
     e.add_argument("--mode", choices=("expectation", "argmax", "sample", "mc"),
                    help="hard attention test-time mode")
+    e.add_argument("--explain-references", action="store_true",
+                   help="also score where the model looks for the words of the split's human "
+                        "captions, teacher forced, against the boxes (Liu et al.); needs "
+                        "--entities or data.entities")
     e.add_argument("--allow-unk", action="store_true",
                    help="let decoding generate <unk> (eval.allow_unk; off by default)")
     e.add_argument("--results", help="COCO-format results json [{image_id, caption}]")

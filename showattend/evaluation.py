@@ -24,7 +24,7 @@ from showattend.attention_grounding import (WordScore, file_sizes, photos_for_re
                                            word_scores)
 from showattend.data.coco import ImageRecord
 from showattend.data.datasets import ImageDataset, ImageSource, collate_images
-from showattend.data.entities import PhotoEntities
+from showattend.data.entities import EntitiesError, PhotoEntities
 from showattend.data.images import Preprocessor
 from showattend.data.splits import Splits, load_splits, load_vocab, make_source
 from showattend.decoding import decode
@@ -127,9 +127,10 @@ class PhotoBoxes:
         return {k: float(v) for k, v in summarize(self.word_scores(results)).items()}
 
 
-def grounding_line(metrics: dict[str, float]) -> str:
-    """The photo-grounding summary: the model beside both baselines."""
-    m = metrics
+def grounding_line(metrics: dict[str, float], prefix: str = "") -> str:
+    """The photo-grounding summary: the model beside both baselines (``prefix``: of the keys
+    ``prefix``correctness…, e.g. "references/")."""
+    m = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
     return (f"correctness {m['correctness']:.3f} (uniform {m['correctness_uniform']:.3f}, "
             f"centre {m['correctness_centre']:.3f}; ratio to uniform "
             f"{m['correctness_ratio']:.2f})  pointing {m['pointing']:.3f} (centre "
@@ -156,12 +157,14 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
                         no_repeat_ngram: int | None = None, int8: bool = False,
                         entities: str | Path | None = None,
                         allow_unk: bool | None = None,
-                        precision: str | None = None) -> dict[str, float]:
+                        precision: str | None = None,
+                        explain_references: bool = False) -> dict[str, float]:
     """Decode ``split`` with a checkpoint; write metrics_<split>_beam<N>.json and COCO-format
     results_<split>_beam<N>.json next to the checkpoint (or in ``out_dir``); return the metrics.
     ``summary`` also writes metrics.json (the run's headline figures, written by training).
     ``entities`` (else the config's ``data.entities``): Flickr30k Entities annotations, for
-    photo grounding against human boxes."""
+    photo grounding against human boxes; ``explain_references``: also the grounding of the
+    split's reference captions, teacher forced (keys ``references/…``, Liu et al.'s protocol)."""
     dev = runtime.resolve_device(device or "auto")
     model, vocab, preprocess, cfg, ckpt = load_model(path, dev, int8=int8)
     if mode:
@@ -186,6 +189,16 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", beam: int | None 
     photos = PhotoBoxes.load(entities, records, preprocess) if entities else None
     metrics = score_results(results, records, splits.objects.get(split),
                             meteor=cfg.eval.meteor if meteor is None else meteor, photos=photos)
+    if explain_references:
+        if photos is None:
+            raise EntitiesError("scoring the reference captions' attention needs the boxes "
+                             "(--entities or data.entities)")
+        from showattend.explain import forced_references
+
+        refs = forced_references(model, src, vocab, dev, batch_size=cfg.eval.batch_size,
+                                 precision=prec, allow_unk=cfg.eval.allow_unk)
+        metrics.update({f"references/{k}": v for k, v in photos.score(refs).items()})
+        metrics["references/captions"] = float(len(refs))
     metrics.update(beam=float(beam), length_norm=float(cfg.eval.length_norm), int8=float(int8),
                    bf16=float(prec == "bf16"),
                    no_repeat_ngram=float(cfg.eval.no_repeat_ngram),

@@ -162,3 +162,44 @@ def unknown_line(words: list[str]) -> str:
     shown = ", ".join(seen[:12]) + (f", … ({len(seen)} in all)" if len(seen) > 12 else "")
     return (f"{len(words)} word{'s' if len(words) != 1 else ''} not in the model's vocabulary, "
             f"fed as <unk> and marked in the records: {shown}")
+
+
+@torch.no_grad()
+def forced_references(model, source, vocab: Vocab, device: torch.device, batch_size: int = 100,
+                      precision: str = "fp32", mode: str | None = None,
+                      allow_unk: bool = False) -> list[dict]:
+    """Every reference caption of every good image of ``source`` (a split), teacher forced: one
+    dict per caption (index, image_id, caption, words, alphas (n, h, w)) — the generated
+    captions' result format, so the photo-grounding measures score them unchanged (Liu et al.'s
+    protocol: where the model looks for the words people said)."""
+    from torch.utils.data import DataLoader
+
+    from showattend import runtime
+    from showattend.data.datasets import ImageDataset, collate_images
+
+    model.eval()
+    gh, gw = model.grid
+    loader = DataLoader(ImageDataset(source), batch_size=batch_size, shuffle=False,
+                        collate_fn=collate_images)
+    results = []
+    for imgs, idxs, _ in loader:
+        if imgs is None:
+            continue
+        texts = [[encode_text(vocab, c) for c in source.records[i].captions if tokenize(c)]
+                 for i in idxs]
+        keep = [j for j, t in enumerate(texts) if t]
+        if not keep:
+            continue
+        imgs = imgs[keep].to(device)
+        with runtime.autocast(precision, device):
+            feats = imgs if getattr(source, "features", False) else model.encode(imgs)
+            forced, g = teacher_force(model, feats, [texts[j] for j in keep], mode, allow_unk)
+        for b, j in enumerate(keep):
+            i = idxs[j]
+            for k, t in enumerate(texts[j]):
+                r, n = b * g + k, len(t.words)
+                results.append({"index": i, "image_id": source.records[i].image_id,
+                                "caption": " ".join(t.words), "words": t.words,
+                                "alphas": forced.alphas[r, :n].reshape(n, gh, gw).float()
+                                .cpu().numpy()})
+    return results
