@@ -23,6 +23,7 @@ from showattend.explain import ExplainError, encode_text
 from showattend.models.captioner import Captioner
 from showattend.models.ensemble import EnsembleDecoder
 from showattend.vocab import Vocab
+from test_box_supervision import flickr_like  # noqa: F401  (fixture)
 from tolerances import assert_close_fp32
 
 WORDS = ("a red circle above a blue square left of a green triangle small big yellow "
@@ -165,3 +166,46 @@ def test_cli_explain(trained, tmp_path, capsys):
     rc = main(["explain", str(img), "--checkpoint", str(run / "best.pt")])
     out, err = capsys.readouterr()
     assert rc == 2 and "--text" in err
+
+
+def test_evaluate_scores_the_reference_captions_teacher_forced(flickr_like, tmp_path, capsys):
+    """evaluate --explain-references against an independent computation: every reference
+    caption through the model's teacher-forced training pass, scored by the same measure."""
+    from showattend.cli import main
+    from showattend.config import load_config
+    from showattend.data.splits import load_splits
+    from showattend.evaluation import PhotoBoxes
+    from showattend.loading import load_model
+    from showattend.train import fit
+    from test_box_supervision import FLICKR_TOML
+
+    root, ents = flickr_like
+    cfg_path = tmp_path / "f.toml"
+    cfg_path.write_text(FLICKR_TOML.format(out=tmp_path / "run", root=root, ents=ents, weight=1.0))
+    fit(load_config(cfg_path), progress=False, evaluate_test=False)
+    ck = tmp_path / "run" / "best.pt"
+    assert main(["-q", "evaluate", "--checkpoint", str(ck), "--entities", str(ents),
+                 "--no-meteor", "--out", str(tmp_path / "ev"), "--explain-references"]) == 0
+    out, err = capsys.readouterr()
+    m = json.loads(out.strip().splitlines()[-1])
+    assert "reference captions, teacher forced" in err
+    model, vocab, pre, cfg, _ = load_model(ck, torch.device("cpu"))
+    recs = load_splits(cfg.data, progress=False).test
+    results = []
+    for i, r in enumerate(recs):
+        x = pre.normalize(pre.view(str(r.path))).unsqueeze(0)
+        for c in r.captions:
+            ids = vocab.encode(c, 10_000)
+            if len(ids) == 2:
+                continue
+            with torch.no_grad():
+                out = model(x, torch.tensor([ids]), mode=model.test_mode)
+            n = len(ids) - 2
+            words = encode_text(vocab, c).words
+            results.append({"index": i, "image_id": r.image_id, "words": words,
+                            "alphas": out.alphas[0, :n].reshape(n, *model.grid).numpy()})
+    want = PhotoBoxes.load(ents, recs, pre).score(results)
+    assert want["grounded_words"] > 0
+    assert m["references/grounded_words"] == want["grounded_words"]
+    for key in ("correctness", "pointing", "correctness_centre"):
+        assert m[f"references/{key}"] == pytest.approx(want[key], abs=1e-4)
