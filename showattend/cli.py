@@ -448,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with soft and hard attention.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from showattend import __version__
+
+    p.add_argument("--version", action="version", version=f"showattend {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="built-in end-to-end run on synthetic grounded shapes")
@@ -627,7 +630,35 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="eval.precision (default: the checkpoint's, fp32)")
     sv.set_defaults(func=cmd_serve)
+    _add_examples(sub)
     return p
+
+
+#: each subcommand's help ends with a line as it is typed
+EXAMPLES = {
+    "demo": "showattend demo --attention hard",
+    "train": "showattend train --config flickr8k_hard --train.epochs=3 --train.lr=2e-4",
+    "prepare": "showattend prepare --config flickr8k_soft --encoder.backbone=efficientnet_lite1",
+    "evaluate": "showattend evaluate --model flickr8k --split test --entities "
+                "data/flickr8k/annotations.zip --explain-references",
+    "caption": "showattend caption photo.jpg photos/ --checkpoint flickr8k-hard --overlay-dir out/",
+    "explain": "showattend explain photo.jpg --text \"a dog runs on the beach\" --overlay-dir out/",
+    "inspect": "showattend inspect photos/ --checkpoint flickr8k --checkpoint flickr8k-hard "
+               "--out report.html",
+    "export-model": "showattend export-model --checkpoint runs/flickr8k_hard/best.pt "
+                    "--name flickr8k-hard --out flickr8k-hard.pt",
+    "ensemble": "showattend ensemble --checkpoint runs/a --checkpoint runs/b --out ens.pt",
+    "serve": "showattend serve --checkpoint flickr8k --checkpoint flickr8k-hard --port 8000",
+}
+OVERRIDES = ("Any config key can be set on the command line as --section.key=value "
+             "(e.g. --train.lr=2e-4), after the config file is read.")
+
+
+def _add_examples(sub) -> None:
+    for name, cmd in sub.choices.items():
+        cmd.formatter_class = argparse.RawDescriptionHelpFormatter
+        extra = f"{OVERRIDES}\n\n" if name in ("train", "prepare", "demo") else ""
+        cmd.epilog = f"{extra}example:\n  {EXAMPLES[name]}"
 
 
 def main(argv: list[str] | None = None) -> int:
