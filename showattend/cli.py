@@ -552,8 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     xp = sub.add_parser("explain", help="where the model looks for the words of a caption you "
                         "write: each word teacher-forced, its map, log p, rank and the model's "
-                        "top words", epilog="example: showattend explain photo.jpg --text \"a dog "
-                        "runs on the beach\" --overlay-dir out/")
+                        "top words")
     xp.add_argument("images", nargs="+", help="image files or folders")
     xp.add_argument("--text", action="append", help="a caption to explain (repeat for several)")
     xp.add_argument("--texts", help="a file of captions, one a line, each explained on every image")
