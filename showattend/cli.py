@@ -97,6 +97,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"train.init={json.dumps(args.init)}"] if args.init else [])
     overrides += [f"train.precision={args.precision}"] if args.precision else []
     cfg = load_config(args.config, overrides)
+    if not args.resume:  # a prepared folder says how its images were encoded
+        from showattend.data.prepared import adopt_folder_encoder
+
+        cfg, line = adopt_folder_encoder(cfg, _explicit_keys(overrides))
+        if line:
+            logging.info("%s", line)
     result = fit(cfg, resume=args.resume, progress=not args.quiet, evaluate_test=not args.no_test)
     if result.interrupted:
         print(f"interrupted: saved {result.last or Path(cfg.out_dir) / 'last.pt'}; continue with "
@@ -105,6 +111,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.test_metrics:
         print(json.dumps({k: round(v, 4) for k, v in result.test_metrics.items()}))
     return 0
+
+
+def _explicit_keys(overrides: list[str]) -> set[str]:
+    """The config keys set on the command line ("--encoder.grid=7" → "encoder.grid")."""
+    return {o.lstrip("-").split("=", 1)[0] for o in overrides if "=" in o}
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -119,10 +130,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise UserError("--workers must be >= 0")
     prec = [f"train.precision={args.precision}"] if args.precision else []
-    cfg = load_config(args.config, [*inputs, *args.overrides, *prec])
+    split = [f"data.split={json.dumps(args.split)}"] if args.split else []
+    config, why = args.config, ""
+    if config is None:  # a photo setting, not the built-in demo's 64-pixel shapes
+        from showattend.data.prepare import photo_defaults
+
+        config, encoder, why = photo_defaults()
+        inputs = [*encoder, *inputs]
+    cfg = load_config(config, [*inputs, *split, *args.overrides, *prec])
     result = prepare(cfg, workers=args.workers, features=not args.no_features,
                      overwrite=args.overwrite, progress=not args.quiet)
     print(result.summary())
+    if args.config is None:
+        print(f"settings: no --config, so the photo config {config}: {why}")
+    for line in result.skipped_report(every=args.verbose):
+        print(f"showattend: {line}", file=sys.stderr)
     return 0
 
 
@@ -483,9 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = pp.add_mutually_exclusive_group()
     src.add_argument("--split-file", help="Karpathy split file (dataset_flickr8k.json, ...)")
     src.add_argument("--annotations", nargs="+", metavar="F",
-                     help="COCO captions_*.json: train, val [, test]")
+                     help="COCO-format captions json: one file (split by --split), or train, "
+                          "val [, test]; --images may be the COCO root (train2014/, val2017/ …)")
     src.add_argument("--flickr-captions", help="Flickr token file (Flickr8k.token.txt)")
     pp.add_argument("--flickr-splits", help="folder with the Flickr split lists")
+    pp.add_argument("--split", metavar="TRAIN,VAL,TEST", help="one captions file: the shares of "
+                    "its images for train, val and test (data.split, default 0.8,0.1,0.1; drawn "
+                    "with data.seed and saved in the folder's manifest)")
     pp.add_argument("--out", help="output folder (data.prepared)")
     pp.add_argument("--workers", type=int, default=None,
                     help="image-decoding processes (default: data.num_workers or CPU count)")

@@ -28,6 +28,9 @@ class DataConfig:
     train_annotations: str = ""  # coco: captions_train2014.json
     val_annotations: str = ""  # coco: captions_val2014.json
     test_annotations: str = ""  # coco: separate test file; without it val is split in two halves
+    # coco with one captions file (train_annotations alone): its images' train/val/test shares,
+    # drawn with data.seed; 80/10/10 as Karpathy's splits roughly do
+    split: str = "0.8,0.1,0.1"
     split_file: str = ""  # karpathy: dataset_coco.json / dataset_flickr8k.json / ...
     flickr_captions: str = ""  # flickr: the token file (Flickr8k.token.txt), NAME#K<TAB>caption
     flickr_splits: str = ""  # flickr: folder of the split lists (Flickr_8k.trainImages.txt, ...)

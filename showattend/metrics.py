@@ -8,11 +8,14 @@ synthetic "grounded shapes" data knows every object's box), which BLEU cannot te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -110,13 +113,34 @@ def _tokenize(captions: dict[Any, list[str]], java: bool) -> dict[Any, list[str]
 
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    out = PTBTokenizer().tokenize({k: [{"caption": c} for c in caps] for k, caps in clean.items()})
+    # Java writes "PTBTokenizer tokenized N tokens at …" to the inherited stderr at every call:
+    # news to nobody. Its stderr goes to a file, shown only when the tokenizer fails.
+    with tempfile.TemporaryFile() as err, _stderr_to(err):
+        out = PTBTokenizer().tokenize({k: [{"caption": c} for c in caps]
+                                       for k, caps in clean.items()})
+        err.seek(0)
+        said = err.read().decode("utf-8", "replace")
     # PTBTokenizer never checks Java's exit status; a failed run shows up as missing lines.
     if any(len(out.get(key, ())) != len(caps) for key, caps in clean.items()):
         n_in = sum(len(caps) for caps in clean.values())
         n_out = sum(len(caps) for caps in out.values())
-        raise RuntimeError(f"PTBTokenizer (Java) returned {n_out} captions for {n_in}")
+        last = [ln for ln in said.splitlines() if ln.strip()][-1:] or ["nothing on stderr"]
+        raise RuntimeError(f"PTBTokenizer (Java) returned {n_out} captions for {n_in} "
+                           f"({last[0]})")
     return out
+
+
+@contextlib.contextmanager
+def _stderr_to(f):
+    """File descriptor 2 (what child processes inherit) pointed at ``f`` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(f.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,9 +134,9 @@ def test_input_overrides_validate_sources():
         input_overrides(images="im", flickr_captions="t.txt")
     with pytest.raises(PreparedDataError, match="one source"):
         input_overrides(images="im", split_file="k.json", annotations=["a", "b"])
-    # one file: an evaluation-only set, prepared as the test split
+    # one file: its images are split into train / val / test (data.split)
     assert input_overrides(images="im", annotations=["a"]) == [
-        'data.root="im"', "data.kind=coco", 'data.test_annotations="a"']
+        'data.root="im"', "data.kind=coco", 'data.train_annotations="a"']
     with pytest.raises(PreparedDataError, match="train and val"):
         input_overrides(images="im", annotations=["a", "b", "c", "d"])
     with pytest.raises(PreparedDataError, match="need --images"):
@@ -164,7 +164,9 @@ def test_store_holds_the_preprocessor_pixels_and_skips_bad_images(store_run, fli
     assert m["counts"]["val"]["images"] == 2 and m["counts"]["test"]["images"] == 2
     assert any("2258277193_586949ec62.jpg.1" in n for n in m["notes"])
     summary = result.summary()
-    assert "missing: 1" in summary and "too small: 1" in summary and "unreadable: 1" in summary
+    assert "missing 1" in summary and "too small 1" in summary and "unreadable 1" in summary
+    report = result.skipped_report()  # for stderr: one line per reason, with the first ones
+    assert len(report) == 4 and any("1002_0002abcd.jpg" in ln for ln in report)
     # failed images are out of the splits; the vocabulary comes from usable train captions only
     ids = {r.image_id for rs in folder.records.values() for r in rs}
     assert not ids & {1002, 1005, 1009, 1013}
@@ -259,9 +261,12 @@ def test_coco_fixture_prepare_train_evaluate_from_explicit_inputs(tmp_path, caps
                  "--annotations", str(fx["train"]), str(fx["val"]), str(fx["test"]),
                  "--out", str(out), "--workers", "2"])
     assert code == 0
-    summary = capsys.readouterr().out
-    assert "train 5 images / 25 captions" in summary and "missing: 1" in summary
-    assert "unreadable: 1" in summary
+    got = capsys.readouterr()
+    summary = got.out
+    assert "train 5 images / 25 captions" in summary and "missing 1" in summary
+    assert "unreadable 1" in summary
+    # the skipped images on stderr: one line per reason, never one per image
+    assert "1 images missing (left out)" in got.err and "1 images unreadable" in got.err
     m = json.loads((out / "manifest.json").read_text())
     assert m["source"]["kind"] == "coco" and m["counts"]["test"]["images"] == 3
     run = tmp_path / "run"
@@ -270,13 +275,14 @@ def test_coco_fixture_prepare_train_evaluate_from_explicit_inputs(tmp_path, caps
     results = json.loads((run / "results_test_beam2.json").read_text())
     assert sorted(r["image_id"] for r in results) == [509, 510, 511]
 
-    # one captions file (an evaluation-only set): prepared as the test split
+    # one captions file: its three images split into train / val / test, one each, said so
     single = tmp_path / "prep_test"
     assert main(["-q", "prepare", "--config", str(cfg_path), "--images", str(fx["images"]),
                  "--annotations", str(fx["test"]), "--out", str(single), "--no-features"]) == 0
-    assert "train 0 images / 0 captions" in capsys.readouterr().out
+    assert "train 1 images" in capsys.readouterr().out
     m = json.loads((single / "manifest.json").read_text())
-    assert m["counts"]["test"]["images"] == 3 and m["counts"]["train"]["images"] == 0
+    assert [m["counts"][s]["images"] for s in ("train", "val", "test")] == [1, 1, 1]
+    assert m["source"]["split"] == "0.8,0.1,0.1" and m["source"]["seed"] == 0
     # and a model scores the same captions file straight from the image folder
     code = main(["-q", "evaluate", "--checkpoint", str(run / "best.pt"), "--images",
                  str(fx["images"]), "--annotations", str(fx["test"]), "--no-meteor"])

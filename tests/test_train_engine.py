@@ -169,7 +169,8 @@ def test_epoch_line_shows_the_measures_a_run_has_and_no_nan():
     from showattend.train.validation import epoch_line
     photo = {"BLEU-4": 0.1725, "grounding": float("nan"), "correctness": 0.7241,
              "pointing": 0.819}
-    assert epoch_line(1, "BLEU-4", photo, 0.1725, 1, 334.4) == (
-        "epoch 1: val BLEU-4 0.1725 (best 0.1725 @ 1), correctness 0.724, pointing 0.819, 334s")
+    assert epoch_line(1, "BLEU-4", photo, 0.1725, 1, 334.4, 334.4, 3) == (
+        "epoch 1: val BLEU-4 0.1725 (best 0.1725 @ 1), correctness 0.724, pointing 0.819, "
+        "epoch 5 min 34 s, training 5 min 34 s in all, about 11 min 09 s left for 3 epochs")
     assert epoch_line(3, "CIDEr", {"CIDEr": 2.5, "grounding": 0.9}, 2.6, 2, 10) == (
-        "epoch 3: val CIDEr 2.5000 (best 2.6000 @ 2), grounding 0.900, 10s")
+        "epoch 3: val CIDEr 2.5000 (best 2.6000 @ 2), grounding 0.900, training 10 s in all")

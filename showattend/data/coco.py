@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,10 +161,39 @@ def read_coco_captions(
         if caption:
             captions[image_id].append(caption)
 
+    folders = _image_folders(root, path)
     return [
-        ImageRecord(image_id, root / name, tuple(captions[image_id]), split)
+        ImageRecord(image_id, locate_image(root, name, folders), tuple(captions[image_id]), split)
         for image_id, name in file_names.items()
     ]
+
+
+_COCO_PREFIX = re.compile(r"^COCO_([A-Za-z]+\d{4})_\d+\.\w+$")  # COCO_train2014_000…9.jpg
+_CAPTIONS_SPLIT = re.compile(r"^captions_([A-Za-z]+\d{4})\.json$")  # captions_val2017.json
+
+
+def _image_folders(root: Path, annotations: Path) -> list[Path]:
+    """Folders under ``root`` an image of ``annotations`` may be in besides ``root`` itself: the
+    split folder the file is named for (``captions_val2017.json`` → ``val2017/``), when it
+    exists."""
+    m = _CAPTIONS_SPLIT.match(annotations.name)
+    return [root / m.group(1)] if m and (root / m.group(1)).is_dir() else []
+
+
+def locate_image(root: Path, file_name: str, folders: Sequence[Path] = ()) -> Path:
+    """Where an image of a COCO-style file is, as the official layouts put it: ``root /
+    file_name``; else under the folder its name's prefix names (``COCO_train2014_….jpg`` →
+    ``root/train2014/``); else under one of ``folders`` (the annotations file's split folder).
+    An image found nowhere keeps ``root / file_name`` (reported as missing where it is read)."""
+    first = root / file_name
+    if first.is_file():
+        return first
+    m = _COCO_PREFIX.match(Path(file_name).name)
+    candidates = ([root / m.group(1) / file_name] if m else []) + [f / file_name for f in folders]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return first
 
 
 def _karpathy_caption(sentence: Any, path: Path, where: str) -> str:

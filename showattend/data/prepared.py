@@ -217,6 +217,51 @@ def _open(p: Path, _mtime_ns: int, _size: int) -> PreparedFolder:
 # --------------------------------------------------------------------------------------------
 
 
+FOLDER_ENCODER_KEYS = ("backbone", "weights", "grid", "coords", "image_size", "resize")
+
+
+def folder_encoder_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The encoder settings a prepared folder was made with: those of its feature cache, else
+    (no cache) its image store's size and resize mode."""
+    f = manifest.get("features")
+    have = dict(f["settings"]) if f else {}
+    have["image_size"] = list(manifest["images"]["image_size"])
+    have["resize"] = manifest["images"]["resize"]
+    out = {k: have[k] for k in FOLDER_ENCODER_KEYS if k in have}
+    out["image_size"] = int(out["image_size"][0])
+    return out
+
+
+def adopt_folder_encoder(cfg: Any, explicit: set[str]) -> tuple[Any, str | None]:
+    """``cfg`` with the encoder settings of its prepared folder (``data.prepared``), so a folder
+    trains without its settings repeated: a value from the config file yields to the folder's
+    (said in the returned line); one given on the command line (``explicit``: keys such as
+    "encoder.grid") that disagrees is refused, naming both values."""
+    from showattend import config as C
+
+    if not cfg.data.prepared or not (Path(cfg.data.prepared) / MANIFEST).is_file():
+        return cfg, None
+    have = folder_encoder_settings(_read_json(Path(cfg.data.prepared) / MANIFEST))
+    changes = {}
+    for key, value in have.items():
+        mine = getattr(cfg.encoder, key)
+        if key == "weights":
+            mine = _weights_key(mine)
+        if mine == value:
+            continue
+        if f"encoder.{key}" in explicit:
+            raise PreparedDataError(f"--encoder.{key}={getattr(cfg.encoder, key)} disagrees "
+                                    f"with the prepared folder {cfg.data.prepared}, made with "
+                                    f"encoder.{key} = {value}: drop the flag, or prepare the "
+                                    f"folder again with it")
+        changes[key] = value
+    if not changes:
+        return cfg, None
+    line = (f"encoder settings from the prepared folder {cfg.data.prepared}: "
+            + ", ".join(f"{k} {v} (config: {getattr(cfg.encoder, k)})" for k, v in changes.items()))
+    return C.replace(cfg, encoder=changes), line
+
+
 def use_features(cfg: Any, model: Any, folder: PreparedFolder) -> bool:
     """Whether ``model`` should read ``folder``'s feature cache instead of encoding images.
 

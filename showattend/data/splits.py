@@ -68,19 +68,7 @@ def load_splits(cfg, progress: bool = True, source: bool = False) -> Splits:
         recs = {"train": [], "val": [],
                 "test": coco.read_coco_captions(d.test_annotations, d.root, "test")}
     elif d.kind == "coco":
-        if not d.train_annotations or not d.val_annotations:
-            raise coco.DataFormatError("data.kind = 'coco' needs data.train_annotations and "
-                                       "data.val_annotations")
-        recs = {"train": coco.read_coco_captions(d.train_annotations, d.root, "train"),
-                "val": coco.read_coco_captions(d.val_annotations, d.root, "val")}
-        if d.test_annotations:
-            recs["test"] = coco.read_coco_captions(d.test_annotations, d.root, "test")
-        else:
-            # No test file: split val (sorted by image id) into two disjoint halves, so the
-            # checkpoint chosen on val is never scored on the same images.
-            ordered = sorted(recs["val"], key=lambda r: r.image_id)
-            half = len(ordered) // 2
-            recs["val"], recs["test"] = ordered[:half], ordered[half:]
+        recs = _coco_splits(d)
     elif d.kind == "flickr":
         if not d.flickr_captions or not d.flickr_splits:
             raise coco.DataFormatError("data.kind = 'flickr' needs data.flickr_captions (the "
@@ -108,6 +96,85 @@ def load_splits(cfg, progress: bool = True, source: bool = False) -> Splits:
             where = f" of {prepared.path}" if prepared is not None else ""
             raise coco.DataFormatError(f"split '{s}'{where} has no images")
     return Splits(recs["train"], recs["val"], recs["test"], objects, notes, prepared)
+
+
+def split_fractions(text: str) -> tuple[float, float, float]:
+    """data.split "0.8,0.1,0.1" → (train, val, test) shares; each > 0 (val chooses the model,
+    test scores it), summing to 1."""
+    try:
+        parts = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or any(not 0 < p < 1 for p in parts) or abs(sum(parts) - 1) > 1e-6:
+        raise coco.DataFormatError(f"data.split = {text!r}: give three shares of the images "
+                                   f"for train, val and test, each above 0, summing to 1 (e.g. "
+                                   f"0.8,0.1,0.1)")
+    return parts  # type: ignore[return-value]
+
+
+def split_images(records: list[ImageRecord], fractions: tuple[float, float, float],
+                 seed: int) -> dict[str, list[ImageRecord]]:
+    """The images of one captions file drawn into train / val / test (each image in exactly
+    one), by ``fractions``, the same for the same seed and file."""
+    import random
+
+    order = sorted(records, key=lambda r: r.image_id)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_val = max(1, round(fractions[1] * n)) if n >= 3 else 0
+    n_test = max(1, round(fractions[2] * n)) if n >= 3 else 0
+    parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test],
+             "train": order[n_val + n_test:]}
+    return {s: [ImageRecord(r.image_id, r.path, r.captions, s) for r in rs]
+            for s, rs in parts.items()}
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or Path(a).samefile(b)
+    except OSError:
+        return False
+
+
+def _coco_splits(d) -> dict[str, list[ImageRecord]]:
+    """COCO-format captions files: train + val [+ test] keep their roles; one file alone (or the
+    same file given twice) is split by ``data.split``. A photo is never in two splits."""
+    if not d.train_annotations:
+        raise coco.DataFormatError("data.kind = 'coco' needs data.train_annotations (one captions "
+                                   "file is split into train/val/test by data.split; with "
+                                   "data.val_annotations the two keep their roles)")
+    train = coco.read_coco_captions(d.train_annotations, d.root, "train")
+    same = [k for k in ("val_annotations", "test_annotations")
+            if getattr(d, k) and _same_file(getattr(d, k), d.train_annotations)]
+    if same:
+        log.warning("data.%s is the same file as data.train_annotations: its images are split "
+                    "by data.split (%s) instead, so no photo is trained and tested on",
+                    " and data.".join(same), d.split)
+    if not d.val_annotations or same:
+        fractions = split_fractions(d.split)
+        recs = split_images(train, fractions, d.seed)
+        log.info("split the %d images of %s: train %d / val %d / test %d (data.split %s, "
+                 "data.seed %d)", len(train), Path(d.train_annotations).name, len(recs["train"]),
+                 len(recs["val"]), len(recs["test"]), d.split, d.seed)
+        return recs
+    recs = {"train": train, "val": coco.read_coco_captions(d.val_annotations, d.root, "val")}
+    if d.test_annotations:
+        recs["test"] = coco.read_coco_captions(d.test_annotations, d.root, "test")
+    else:
+        # No test file: split val (sorted by image id) into two disjoint halves, so the
+        # checkpoint chosen on val is never scored on the same images.
+        ordered = sorted(recs["val"], key=lambda r: r.image_id)
+        half = len(ordered) // 2
+        recs["val"], recs["test"] = ordered[:half], ordered[half:]
+    seen = {r.path.resolve() for r in recs["train"]}
+    for s in ("val", "test"):
+        kept = [r for r in recs[s] if r.path.resolve() not in seen]
+        if len(kept) < len(recs[s]):
+            log.warning("%d images of the %s split are also in the train file: left out of %s "
+                        "(a photo is never in two splits)", len(recs[s]) - len(kept), s, s)
+        recs[s] = kept
+        seen |= {r.path.resolve() for r in kept}
+    return recs
 
 
 def load_vocab(cfg, splits: Splits) -> Vocab:

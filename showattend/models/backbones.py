@@ -155,6 +155,16 @@ def _torchvision_weights(name: str):
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
+def torchvision_weights_cached(name: str) -> bool:
+    """Whether torchvision's ImageNet weights for ``name`` are already in the torch hub cache
+    (so building the backbone needs no download)."""
+    try:
+        enum = _torchvision_weights(name)
+    except Exception:  # noqa: BLE001 - torchvision missing or no such model
+        return False
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name).is_file()
+
+
 def _torchvision_normalisation(name: str) -> Normalisation:
     tf = _torchvision_weights(name).transforms()
     return Normalisation(tuple(tf.mean), tuple(tf.std))  # from the weights, not hard-coded

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from showattend.models.attention import Memory, repeat_rows
+from showattend.models.backbones import get_backbone
 from showattend.models.decoder import Decoder
 from showattend.models.ensemble import EnsembleDecoder
 from showattend.models.encoder import Encoder, build_encoder
@@ -38,6 +40,25 @@ class CaptionerOutput(NamedTuple):
         b, t = self.alphas.shape[:2]
         full = self.packed_logits.new_zeros(b, t, self.packed_logits.shape[-1])
         return full.index_put((self.positions[:, 0], self.positions[:, 1]), self.packed_logits)
+
+
+_GRID_WARNED: set[tuple[str, int, int]] = set()
+
+
+def warn_upsampled_grid(backbone: str, grid: int, image_size: int) -> None:
+    """One line (once per setting) when ``encoder.grid`` is finer than the backbone's own
+    feature map at ``image_size``: adaptive pooling then repeats cells — a larger cache and
+    slower steps for no new information."""
+    spec = get_backbone(backbone)
+    native = spec.grid_at(image_size)
+    if not spec.pretrained or grid <= native or (backbone, grid, image_size) in _GRID_WARNED:
+        return
+    _GRID_WARNED.add((backbone, grid, image_size))
+    logging.getLogger(__name__).warning(
+        "encoder.grid = %d is finer than %s's own %d×%d grid at %d px: its cells are repeated, "
+        "not new (%.0f× the annotations); use encoder.grid = %d, or encoder.image_size = %d for "
+        "a %d×%d grid", grid, backbone, native, native, image_size, (grid / native) ** 2, native,
+        grid * spec.stride, grid, grid)
 
 
 class Captioner(nn.Module):
@@ -81,6 +102,7 @@ class Captioner(nn.Module):
     def from_config(cls, cfg, vocab_size: int) -> Captioner:
         """Map a Config to explicit constructor arguments (tests build models without configs).
         ``decoder.ensemble`` = N > 1: N decoders on the one encoder, decoding as one."""
+        warn_upsampled_grid(cfg.encoder.backbone, cfg.encoder.grid, cfg.encoder.image_size)
         enc = build_encoder(cfg.encoder.backbone, cfg.encoder.weights, cfg.encoder.grid,
                             cfg.encoder.channels, cfg.encoder.coords, cfg.encoder.fine_tune_blocks)
         a, e = cfg.attention, cfg.encoder

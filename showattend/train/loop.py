@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -92,11 +93,21 @@ def _epoch_batches(dataset: CaptionDataset, cfg: C.Config, state: TrainState, di
     return batches
 
 
+def capped_workers(n: int) -> int:
+    """data.num_workers, at most the CPU cores this process may use: more only competes with the
+    training threads (and torch warns about it at every epoch)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(n, cores)
+
+
 def _loader(dataset: CaptionDataset, batches: list[list[int]], cfg: C.Config, state: TrainState,
             device: torch.device) -> DataLoader:
     # The batch list is fixed up front, so worker processes change speed, never the order.
     return DataLoader(dataset, batch_sampler=batches[state.batch_in_epoch:],
-                      collate_fn=collate_captions, num_workers=cfg.data.num_workers,
+                      collate_fn=collate_captions, num_workers=capped_workers(cfg.data.num_workers),
                       worker_init_fn=_ignore_sigint, pin_memory=device.type == "cuda",
                       # Its own generator: iterating a DataLoader draws a worker base seed, and
                       # from the global RNG that draw would shift the dropout/sampling stream of

@@ -58,6 +58,7 @@ class Run:
     val_src: ImageSource
     val_recs: list[ImageRecord]
     val_photos: PhotoBoxes | None = None  # human boxes of the val photos (data.entities)
+    elapsed_at_last_epoch: float | None = None  # training seconds when the last epoch closed
 
     def save(self, name: str, full: bool = True) -> None:
         """Checkpoint ``name`` (last.pt / best.pt, or with ``full=False`` an epoch snapshot:

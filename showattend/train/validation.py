@@ -35,14 +35,24 @@ def validate(run: Run, progress: bool) -> dict[str, float]:
 
 
 def epoch_line(epoch: int, metric: str, val: dict[str, float], best: float, best_epoch: int,
-               elapsed: float) -> str:
+               elapsed: float, epoch_seconds: float | None = None, epochs: int = 0) -> str:
     """The epoch's one progress line: the selection metric, then the built-in data's grounding
     (known objects) and the photos' box measures where they exist — a photo run has no
-    built-in grounding, and "nan" would say nothing."""
+    built-in grounding, and "nan" would say nothing — then the time: this epoch's, the
+    training time so far, and at this pace the time left for ``epochs`` epochs."""
     shown = "".join(f"{k} {val[k]:.3f}, " for k in ("grounding", "correctness", "pointing")
                     if k in val and math.isfinite(val[k]))
+    took = f"epoch {_clock(epoch_seconds)}, " if epoch_seconds is not None else ""
+    left = ""
+    if epochs > epoch and epoch > 0:
+        left = f", about {_clock(elapsed / epoch * (epochs - epoch))} left for {epochs} epochs"
     return (f"epoch {epoch}: val {metric} {val.get(metric, 0.0):.4f} (best {best:.4f} @ "
-            f"{best_epoch}), {shown}{elapsed:.0f}s")
+            f"{best_epoch}), {shown}{took}training {_clock(elapsed)} in all{left}")
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def close_epoch(run: Run, val: dict[str, float], progress: bool) -> bool:
@@ -63,8 +73,11 @@ def close_epoch(run: Run, val: dict[str, float], progress: bool) -> bool:
         keep_snapshots(run)
     run.files.plot()
     if progress:
+        took = (None if run.elapsed_at_last_epoch is None and state.epoch > 1 else
+                state.elapsed - (run.elapsed_at_last_epoch or 0.0))  # unknown on a resume
         write(epoch_line(state.epoch, cfg.train.val_metric, val, state.best, state.best_epoch,
-                         state.elapsed))
+                         state.elapsed, took, cfg.train.epochs))
+    run.elapsed_at_last_epoch = state.elapsed
     if should_stop(state, cfg.train):
         log.info("early stop: no improvement in %d epochs", state.bad_epochs)
         return True
