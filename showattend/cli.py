@@ -102,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         cfg, line = adopt_folder_encoder(cfg, _explicit_keys(overrides))
         if line:
-            logging.info("%s", line)
+            print(f"showattend: {line}", file=sys.stderr)
     result = fit(cfg, resume=args.resume, progress=not args.quiet, evaluate_test=not args.no_test)
     if result.interrupted:
         print(f"interrupted: saved {result.last or Path(cfg.out_dir) / 'last.pt'}; continue with "

@@ -68,7 +68,7 @@ def load_splits(cfg, progress: bool = True, source: bool = False) -> Splits:
         recs = {"train": [], "val": [],
                 "test": coco.read_coco_captions(d.test_annotations, d.root, "test")}
     elif d.kind == "coco":
-        recs = _coco_splits(d)
+        recs = _coco_splits(d, notes)
     elif d.kind == "flickr":
         if not d.flickr_captions or not d.flickr_splits:
             raise coco.DataFormatError("data.kind = 'flickr' needs data.flickr_captions (the "
@@ -136,7 +136,7 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _coco_splits(d) -> dict[str, list[ImageRecord]]:
+def _coco_splits(d, notes: list[str]) -> dict[str, list[ImageRecord]]:
     """COCO-format captions files: train + val [+ test] keep their roles; one file alone (or the
     same file given twice) is split by ``data.split``. A photo is never in two splits."""
     if not d.train_annotations:
@@ -153,9 +153,9 @@ def _coco_splits(d) -> dict[str, list[ImageRecord]]:
     if not d.val_annotations or same:
         fractions = split_fractions(d.split)
         recs = split_images(train, fractions, d.seed)
-        log.info("split the %d images of %s: train %d / val %d / test %d (data.split %s, "
-                 "data.seed %d)", len(train), Path(d.train_annotations).name, len(recs["train"]),
-                 len(recs["val"]), len(recs["test"]), d.split, d.seed)
+        notes.append(f"split the {len(train)} images of {Path(d.train_annotations).name}: "
+                     f"train {len(recs['train'])} / val {len(recs['val'])} / test "
+                     f"{len(recs['test'])} (data.split {d.split}, data.seed {d.seed})")
         return recs
     recs = {"train": train, "val": coco.read_coco_captions(d.val_annotations, d.root, "val")}
     if d.test_annotations:
@@ -166,14 +166,15 @@ def _coco_splits(d) -> dict[str, list[ImageRecord]]:
         ordered = sorted(recs["val"], key=lambda r: r.image_id)
         half = len(ordered) // 2
         recs["val"], recs["test"] = ordered[:half], ordered[half:]
-    seen = {r.path.resolve() for r in recs["train"]}
+    # a photo is its file name (COCO's file names are unique across its splits)
+    seen = {r.path.name for r in recs["train"]}
     for s in ("val", "test"):
-        kept = [r for r in recs[s] if r.path.resolve() not in seen]
+        kept = [r for r in recs[s] if r.path.name not in seen]
         if len(kept) < len(recs[s]):
             log.warning("%d images of the %s split are also in the train file: left out of %s "
                         "(a photo is never in two splits)", len(recs[s]) - len(kept), s, s)
         recs[s] = kept
-        seen |= {r.path.resolve() for r in kept}
+        seen |= {r.path.name for r in kept}
     return recs
 
 
