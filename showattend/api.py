@@ -24,7 +24,7 @@ from showattend.data.folder import image_batches, iter_image_paths
 from showattend.data.images import ImageLoadError, Preprocessor
 from showattend.decoding import decode
 from showattend.loading import load_model
-from showattend.records import CaptionRecord
+from showattend.records import CaptionRecord, display_view
 from showattend.report import ModelInfo, Report
 from showattend.vocab import UNK_ID, Vocab
 
@@ -157,9 +157,26 @@ class CaptionerAPI:
             # a beam at -inf (more beams than the vocabulary could fill) is no hypothesis
             rows = [self._row_caption(dec, j * k + r, name, views[j], mode) for r in range(k)
                     if r == 0 or torch.isfinite(dec.scores[j * k + r])]
+            aspect = self._aspect(src)
+            for row in rows:
+                row.aspect = aspect
             # a copy heads the list, so no Caption holds itself (no cycles for repr, eq, pickle)
             res.append(replace(rows[0], alternatives=rows) if alternatives else rows[0])
         return res
+
+    def _aspect(self, src) -> tuple[int, int] | None:
+        """(width, height) of the photo where the model's view stretches it (else None)."""
+        if self.preprocess.resize != "stretch":
+            return None  # a centre crop is drawn as the model saw it
+        if isinstance(src, Image.Image):
+            return src.size
+        try:
+            with Image.open(src) as im:  # the header only
+                w, h = im.size
+                o = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+                return (h, w) if o in (5, 6, 7, 8) else (w, h)  # EXIF-rotated photos
+        except Exception:  # noqa: BLE001 - the view was made, so only the drawing shape is lost
+            return None
 
     def _row_caption(self, dec, row: int, name: str, view: np.ndarray, mode) -> Caption:
         """The Caption held in row ``row`` of a decoding result."""
@@ -286,6 +303,7 @@ class CaptionerAPI:
         out = []
         for i, ts in enumerate(encoded):
             mine = self._row_caption(own, i, names[i], views[i], mode)
+            aspect = self._aspect(names[i]) if names[i] != "<PIL.Image>" else None
             recs = []
             for j, t in enumerate(ts):
                 r, n = i * g + j, len(t.words)
@@ -299,6 +317,7 @@ class CaptionerAPI:
                 rec.unknown = list(t.unknown)
                 rec.unknown_at = [k for k, w in enumerate(t.ids) if w == UNK_ID]
                 rec.model_caption, rec.model_score = mine.caption, mine.score
+                rec.aspect = aspect
                 recs.append(rec)
             out.append(recs)
         return out
@@ -324,9 +343,18 @@ class CaptionerAPI:
         from showattend.visualize import attention_figure, head_attention_figure
 
         refs, correct = per_word(grounding, len(caption.words)) if grounding else (None, None)
+        # drawn at the photo's own shape: the view stretched back, boxes with it
+        view, sx, sy = display_view(caption.view, caption.aspect)
+
+        def scaled(b):
+            return None if b is None else (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)
+
+        boxes = None if caption.boxes is None else [scaled(b) for b in caption.boxes]
+        refs = None if refs is None else [None if r is None else [scaled(b) for b in r]
+                                          for r in refs]
         if caption.head_attention is not None:
-            return head_attention_figure(caption.view, caption.words, caption.attention,
-                                         caption.head_attention, boxes=caption.boxes,
+            return head_attention_figure(view, caption.words, caption.attention,
+                                         caption.head_attention, boxes=boxes,
                                          title=caption.caption, ref_boxes=refs,
                                          ref_scores=correct)
         notes, title = None, caption.caption
@@ -336,8 +364,8 @@ class CaptionerAPI:
                      for k, lp in enumerate(caption.logp)]
             title = (f"explained: \"{caption.caption}\"  log p {caption.score:.2f} (<end> "
                      f"included)\nthe model's own: \"{caption.model_caption}\"  log p {caption.model_score:.2f}")
-        return attention_figure(caption.view, caption.words, caption.attention, caption.beta,
-                                boxes=caption.boxes, title=title, ref_boxes=refs,
+        return attention_figure(view, caption.words, caption.attention, caption.beta,
+                                boxes=boxes, title=title, ref_boxes=refs,
                                 ref_scores=correct, notes=notes)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-__all__ = ["CaptionRecord", "CaptionSource"]
+__all__ = ["CaptionRecord", "CaptionSource", "display_view"]
 
 
 @dataclass
@@ -38,6 +38,9 @@ class CaptionRecord:
     alternatives: list[CaptionRecord] = field(default_factory=list, repr=False, compare=False)
     # multi-head attention: (n_words, heads, h, w) one map per head (``attention`` is their mean)
     head_attention: np.ndarray | None = None
+    # (width, height) of the photo when ``view`` is a stretched copy of it: overlays, the report
+    # and the page draw the view back at this shape (maps and boxes stretch with it)
+    aspect: tuple[int, int] | None = None
     # an explained text (explain.py; None for the model's own captions): the text as given, per
     # word its log p, rank (1 = the model's first choice) and the model's top words (word, log p)
     # at that step; log p of <end> (``score`` includes it); the words fed as <unk>
@@ -89,3 +92,23 @@ class CaptionSource(Protocol):
                       mode: str | None = None, batch_size: int = 16, workers: int | None = None,
                       alternatives: bool = False
                       ) -> Iterator[tuple[Path, CaptionRecord | None, str | None]]: ...
+
+
+def display_view(view: np.ndarray, aspect: tuple[int, int] | None
+                 ) -> tuple[np.ndarray, float, float]:
+    """The view drawn at the photo's own shape: (image, x scale, y scale) where the scales take
+    view pixels (crop boxes, reference boxes) to the returned image's. The longer side keeps the
+    view's length; without ``aspect``, or at the view's own shape, the view itself."""
+    h, w = view.shape[:2]
+    if not aspect or aspect[0] <= 0 or aspect[1] <= 0:
+        return view, 1.0, 1.0
+    pw, ph = aspect
+    side = max(h, w)
+    dw, dh = (side, max(1, round(side * ph / pw))) if pw >= ph else (max(1, round(side * pw / ph)), side)
+    if (dw, dh) == (w, h):
+        return view, 1.0, 1.0
+    from PIL import Image
+
+    shown = np.asarray(Image.fromarray(np.asarray(view, dtype=np.uint8)).resize(
+        (dw, dh), Image.BILINEAR))
+    return shown, dw / w, dh / h

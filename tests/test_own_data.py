@@ -187,3 +187,41 @@ def test_workers_are_capped_at_the_cores():
 
     cores = len(os.sched_getaffinity(0))
     assert capped_workers(64) == cores and capped_workers(0) == 0
+
+
+def test_maps_are_drawn_on_the_photo_at_its_own_shape(tmp_path):
+    """A tall photo, stretched to a square for the model: the overlay and the report draw the
+    view back at 1:2, with the crop boxes stretched along (planted: aspect not passed to the
+    overlay → the figure's photo stays square)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from conftest import tiny_model
+    from showattend.api import CaptionerAPI
+    from showattend.data.images import Preprocessor
+    from showattend.report import Report
+    from showattend.vocab import Vocab
+
+    vocab = Vocab.build(["a red circle above a blue square"])
+    api = CaptionerAPI(tiny_model("hard", vocab_size=len(vocab)).eval(), vocab,
+                       Preprocessor((32, 32), (0.5,) * 3, (0.25,) * 3), C.Config(),
+                       torch.device("cpu"))
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (50, 100), "red").save(tall)
+    [c] = api.caption([str(tall)], beam=1, max_len=4)
+    assert c.aspect == (50, 100) and c.view.shape[:2] == (32, 32)
+    fig = api.overlay(c)
+    shown = fig.axes[0].images[0].get_array()
+    assert shown.shape[0] == 2 * shown.shape[1]  # 32 × 16: the photo's 1:2
+    if c.words:
+        x0, y0, x1, y1 = fig.axes[1].patches[0].get_bbox().bounds if fig.axes[1].patches else (
+            0, 0, 1, 1)
+        assert x1 <= 16 + 1e-6  # crop boxes scaled into the 16-pixel-wide drawing
+    page = Report.from_captions({"m": [c]}).page_data()  # the report's and serve's page
+    assert page["images"][0]["results"][0]["aspect"] == [50, 100]
+    # a crop-mode model draws its (square) view as it saw it
+    api.preprocess = Preprocessor((32, 32), (0.5,) * 3, (0.25,) * 3, resize="crop")
+    [c] = api.caption([str(tall)], beam=1, max_len=4)
+    assert c.aspect is None
+    assert np.asarray(api.overlay(c).axes[0].images[0].get_array()).shape[:2] == (32, 32)

@@ -366,6 +366,8 @@ class Report:
             per_beam = e.grounding[m] if e.grounding else [None] * len(alts)
             res = {"view": seen[key], "w": int(c.view.shape[1]), "h": int(c.view.shape[0]),
                    "scores": scores, "beams": [_beam_record(a, g) for a, g in zip(alts, per_beam)]}
+            if c.aspect:  # the page draws the (stretched) view back at the photo's shape
+                res["aspect"] = [int(c.aspect[0]), int(c.aspect[1])]
             if e.grounding:  # only images with reference boxes carry these (format 1 + fields)
                 res["grounding"] = e.grounding_summary(m)
             results.append(res)

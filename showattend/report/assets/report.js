@@ -278,7 +278,9 @@
       p.appendChild(h);
       if (!r) { p.appendChild(el("div", "info", "no caption")); box.appendChild(p); panels.push(null); return; }
       const stage = el("div", "stage");
-      stage.style.aspectRatio = `${r.w} / ${r.h}`;
+      // the photo's own shape where the model's view stretched it (maps and boxes are placed in
+      // percent of the stage, so they stretch with it)
+      stage.style.aspectRatio = r.aspect ? `${r.aspect[0]} / ${r.aspect[1]}` : `${r.w} / ${r.h}`;
       if (Math.max(r.w, r.h) <= 128) stage.classList.add("pixelated");  // small synthetic images: crisp pixels
       const photo = el("img", "photo");
       photo.alt = im.name;
