@@ -229,13 +229,15 @@ class CaptionerAPI:
     @torch.no_grad()
     def explain(self, images: Sequence[ImageLike] | ImageLike,
                 texts: str | Sequence[str] | Sequence[Sequence[str]], mode: str | None = None,
-                beam: int | None = None, batch_size: int = 16) -> Captions:
+                beam: int | None = None, batch_size: int = 16,
+                own_caption: bool = True) -> Captions:
         """Where the model looks for words a person writes: each text fed word by word to the
         model on each image (teacher forcing, :mod:`showattend.explain`). ``texts``: one text or
         a list of texts for every image, or a list of lists, one per image. Returns one Caption
         per (image, text), image-major, with ``logp``, ``rank``, ``top`` per word, ``end_logp``,
         ``unknown`` and the model's own caption (``model_caption``, ``model_score``; beam
-        ``beam``, default the config's). ``score`` is the text's total log p, <end> included.
+        ``beam``, default the config's; None with ``own_caption=False``). ``score`` is the
+        text's total log p, <end> included.
         A text with no word raises :class:`~showattend.explain.ExplainError`."""
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
@@ -254,7 +256,8 @@ class CaptionerAPI:
             names = [str(src) if not isinstance(src, Image.Image) else "<PIL.Image>"
                      for src in chunk]
             for recs in self._explain_batch(names, views, batch,
-                                            per_image[start: start + batch_size], mode, beam):
+                                            per_image[start: start + batch_size], mode, beam,
+                                            own_caption):
                 out.extend(recs)
         return Captions(out, model={
             "attention": self.attention_kind, "grid": tuple(self.model.grid),
@@ -285,8 +288,8 @@ class CaptionerAPI:
                     yield it.path, next(recs), None
 
     def _explain_batch(self, names: list[str], views: list[np.ndarray], batch: torch.Tensor,
-                       texts: list[Sequence[str]], mode: str | None, beam: int | None
-                       ) -> list[list[Caption]]:
+                       texts: list[Sequence[str]], mode: str | None, beam: int | None,
+                       own_caption: bool = True) -> list[list[Caption]]:
         from showattend.explain import encode_text, teacher_force
 
         encoded = [[encode_text(self.vocab, t) for t in ts] for ts in texts]
@@ -298,11 +301,11 @@ class CaptionerAPI:
                          max_len=self.config.eval.max_len,
                          length_norm=self.config.eval.length_norm, mode=mode,
                          no_repeat_ngram=self.config.eval.no_repeat_ngram,
-                         allow_unk=self.config.eval.allow_unk)
+                         allow_unk=self.config.eval.allow_unk) if own_caption else None
         itos = self.vocab.itos
         out = []
         for i, ts in enumerate(encoded):
-            mine = self._row_caption(own, i, names[i], views[i], mode)
+            mine = self._row_caption(own, i, names[i], views[i], mode) if own else None
             aspect = self._aspect(names[i]) if names[i] != "<PIL.Image>" else None
             recs = []
             for j, t in enumerate(ts):
@@ -316,7 +319,8 @@ class CaptionerAPI:
                                              forced.top_logp[r, :n].float().tolist())]
                 rec.unknown = list(t.unknown)
                 rec.unknown_at = [k for k, w in enumerate(t.ids) if w == UNK_ID]
-                rec.model_caption, rec.model_score = mine.caption, mine.score
+                if mine is not None:
+                    rec.model_caption, rec.model_score = mine.caption, mine.score
                 rec.aspect = aspect
                 recs.append(rec)
             out.append(recs)
@@ -363,7 +367,10 @@ class CaptionerAPI:
             notes = [f"log p {lp:.2f}" + (" · not in vocab (<unk>)" if k in unk else "")
                      for k, lp in enumerate(caption.logp)]
             title = (f"explained: \"{caption.caption}\"  log p {caption.score:.2f} (<end> "
-                     f"included)\nthe model's own: \"{caption.model_caption}\"  log p {caption.model_score:.2f}")
+                     f"included)")
+            if caption.model_caption is not None:
+                title += (f"\nthe model's own: \"{caption.model_caption}\"  log p "
+                          f"{caption.model_score:.2f}")
         return attention_figure(view, caption.words, caption.attention, caption.beta,
                                 boxes=boxes, title=title, ref_boxes=refs,
                                 ref_scores=correct, notes=notes)

@@ -73,13 +73,15 @@ class CaptionRecord:
                 rank=[int(r) for r in self.rank], end_logp=round(float(self.end_logp), 6),
                 top=[[[w, round(v, 6)] for w, v in step] for step in self.top],
                 unknown=list(self.unknown or []), unknown_at=list(self.unknown_at or []),
-                model_caption=self.model_caption, model_score=round(float(self.model_score), 6))
+                model_caption=self.model_caption,
+                model_score=None if self.model_score is None else round(float(self.model_score), 6))
         return rec
 
 
 class CaptionSource(Protocol):
     """What the report and the page ask of a loaded model (:class:`showattend.api.CaptionerAPI`
-    is one): its attention kind, model, preprocessing and config, and captions of files."""
+    is one): its attention kind, model, preprocessing and config, captions of files, and
+    explained texts."""
 
     model: Any
     preprocess: Any
@@ -87,6 +89,10 @@ class CaptionSource(Protocol):
 
     @property
     def attention_kind(self) -> str: ...
+
+    def explain(self, images: Sequence[Any], texts: Any, mode: str | None = None,
+                beam: int | None = None, batch_size: int = 16,
+                own_caption: bool = True) -> list[CaptionRecord]: ...
 
     def caption_paths(self, inputs: Sequence[str | Path], beam: int | None = None,
                       mode: str | None = None, batch_size: int = 16, workers: int | None = None,

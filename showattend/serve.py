@@ -61,6 +61,24 @@ def _human(n: int) -> str:
     return f"{n / 1048576:.1f} MB" if n >= 1048576 else f"{n / 1024:.0f} KB"
 
 
+KEEP_UPLOADS = 32  # uploads kept decoded for explain requests
+
+
+def _explain_request(raw: bytes) -> dict[str, str]:
+    """{"key": upload, "text": caption} from an explain request's JSON body."""
+    try:
+        ask = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ask = None
+    if not isinstance(ask, dict) or not isinstance(ask.get("key"), str) or \
+            not isinstance(ask.get("text"), str):
+        raise UploadError(HTTPStatus.BAD_REQUEST, 'explain takes {"key": …, "text": …}')
+    if len(ask["text"]) > 2000:
+        raise UploadError(HTTPStatus.BAD_REQUEST, "a caption to explain has at most 2,000 "
+                                                  "characters")
+    return ask
+
+
 class Inspector:
     """The models (loaded once) and what the page needs from them."""
 
@@ -82,6 +100,9 @@ class Inspector:
         self._tmp = tempfile.TemporaryDirectory(prefix="showattend-serve-")
         self._page: bytes | None = None
         self.served = 0  # images captioned since start
+        # the last uploads, decoded, so the page can ask where the models look for a caption
+        # a person types (explain): key → (file name, image), the oldest dropped first
+        self._images: dict[str, tuple[str, Any]] = {}
 
     def page(self) -> bytes:
         """The page (the report's page in serve mode, with no images yet), built once."""
@@ -127,8 +148,33 @@ class Inspector:
             finally:
                 Path(tmp).unlink(missing_ok=True)
             self.served += 1
+            key = f"u{self.served}"
+            self._images[key] = (name, image)
+            while len(self._images) > KEEP_UPLOADS:
+                self._images.pop(next(iter(self._images)))
             report = Report(self.infos, [Entry(name=name, path=name, captions=captions)])
-            return report.entry_data(report.entries[0])
+            return {**report.entry_data(report.entries[0]), "key": key}
+
+    def explain(self, key: str, text: str) -> list[dict[str, Any]]:
+        """Each model's explained caption of ``text`` on upload ``key``, in the page's beam
+        format. Raises :class:`UploadError` (404: the upload is gone, 400: no word)."""
+        from showattend.explain import ExplainError
+        from showattend.report.build import beam_record
+
+        with self._lock:
+            if key not in self._images:
+                raise UploadError(HTTPStatus.NOT_FOUND, "that photo is no longer on the server: "
+                                                        "upload it again")
+            name, image = self._images[key]
+            out = []
+            try:
+                for api in self.models.values():
+                    [c] = api.explain([image], text, mode=self.mode, own_caption=False)
+                    c.image = name
+                    out.append(beam_record(c))
+            except ExplainError as exc:
+                raise UploadError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            return out
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -190,9 +236,16 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if not self._host_allowed():
                 raise UploadError(HTTPStatus.FORBIDDEN, "unexpected Host header")
-            if urlsplit(self.path).path != "/caption":
+            route = urlsplit(self.path).path
+            if route not in ("/caption", "/explain"):
                 raise UploadError(HTTPStatus.NOT_FOUND, f"no such endpoint: {self.path}")
             raw = self._read_body(filename)
+            if route == "/explain":
+                ask = _explain_request(raw)
+                beams = self.server.inspector.explain(ask["key"], ask["text"])
+                self._json(HTTPStatus.OK, {"beams": beams,
+                                           "seconds": round(time.perf_counter() - t0, 3)})
+                return
             entry = self.server.inspector.caption_bytes(raw, filename)
         except UploadError as exc:
             self._json(exc.status, {"error": str(exc)})

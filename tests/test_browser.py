@@ -199,7 +199,8 @@ def test_keyboard_moves_between_words_and_images(driver, report, shots):
 def test_beams_and_sort_by_worst(driver, report, shots):
     rep, path = report
     open_report(driver, path)
-    alts = driver.find_elements(By.CSS_SELECTOR, ".panel[data-model='0'] .beams li")
+    # the model's three beams (the explained reference captions follow them, marked)
+    alts = driver.find_elements(By.CSS_SELECTOR, ".panel[data-model='0'] .beams li:not(.explained)")
     cap = rep.entries[0].captions[0]
     assert len(alts) == 3
     for li, alt in zip(alts, cap.alternatives):
@@ -418,3 +419,65 @@ def test_reference_boxes_follow_the_word_and_sort_by_worst_grounding(driver, tmp
     assert not driver.find_element(By.CSS_SELECTOR, ".panel[data-model='0'] .legend").is_displayed()
     assert driver.find_elements(By.CSS_SELECTOR, ".refbox") == []
     assert console_errors(driver) == []
+
+
+# ---------------------------------------------------------------------------- explain
+
+
+def test_serve_explain_a_typed_caption_shows_each_words_map(driver, served, soft_hard, shots):
+    """On the page: upload a photo, type a caption, see each word's map — the map the API's
+    explain gives for the same photo and words (up to the page's uint8 quantisation) — with the
+    word the model does not know marked."""
+    from showattend.data.images import load_image
+
+    _, soft, _ = soft_hard
+    url, proc = served
+    driver.get(url)
+    WebDriverWait(driver, 10).until(lambda x: x.execute_script("return !!window.showattend"))
+    console_errors(driver)
+    photo = ASSETS / "flickr8k_256085101_dog.jpg"
+    driver.find_element(By.ID, "file").send_keys(str(photo))
+    WebDriverWait(driver, 60).until(
+        lambda x: x.execute_script("return window.showattend.data.images.length") == 1)
+    form = driver.find_element(By.ID, "explain")
+    assert form.is_displayed()
+    text = "a red zzyzx circle"
+    box = driver.find_element(By.ID, "explain-text")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+    WebDriverWait(driver, 60).until(lambda x: x.execute_script(
+        "const r = window.showattend.data.images[0].results[0];"
+        "return r.beams[r.beams.length - 1].explained === true"))
+    words = driver.find_elements(By.CSS_SELECTOR, ".panel[data-model='0'] .word")
+    assert [w.text.strip() for w in words] == text.split()
+    unk = driver.find_elements(By.CSS_SELECTOR, ".panel[data-model='0'] .word.unk")
+    assert [w.text.strip() for w in unk] == ["zzyzx"]
+    assert "zzyzx" in driver.find_element(By.ID, "status").text
+    [want] = showattend.load(soft, device="cpu").explain([load_image(photo)], text,
+                                                         own_caption=False)
+    for t in range(len(words)):
+        words[t].click()
+        shown = driver.execute_script("return window.showattend.shown[0]")
+        assert shown["text"] == text.split()[t]
+        np.testing.assert_allclose(shown["map"], want.attention[t].ravel(),
+                                   atol=want.attention[t].max() / 510 + 1e-6)
+    lis = driver.find_elements(By.CSS_SELECTOR, ".panel[data-model='0'] .beams li.explained")
+    assert len(lis) == 1 and lis[0].text.startswith("✎ " + text)
+    driver.save_screenshot(str(shots / "serve_explain.png"))
+    assert not console_errors(driver)
+
+
+def test_report_opens_each_reference_caption_explained(driver, report, shots):
+    rep, path = report
+    open_report(driver, path)
+    lis = driver.find_elements(By.CSS_SELECTOR, ".panel[data-model='0'] .beams li.explained")
+    refs = rep.entries[0].references
+    assert refs and len(lis) == len(refs)
+    lis[0].click()
+    shown = driver.execute_script("return window.showattend.shown[0]")
+    alt = [a for a in rep.entries[0].captions[0].alternatives if a.logp is not None][0]
+    assert shown["text"] == alt.words[0] and alt.text == refs[0]
+    np.testing.assert_allclose(shown["map"], alt.attention[0].ravel(),
+                               atol=alt.attention[0].max() / 510 + 1e-6)
+    driver.save_screenshot(str(shots / "report_reference_explained.png"))
+    assert not console_errors(driver)

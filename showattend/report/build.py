@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -181,7 +181,16 @@ def _beam_record(c: Caption, grounding: Sequence[WordScore] | None = None) -> di
     }
     if grounding is not None:  # the image has reference boxes: per word, None or its boxes
         rec["grounding"] = _word_grounding(grounding, len(c.words))
+    if c.logp is not None:  # a caption a person wrote, teacher forced (explain.py)
+        rec.update(explained=True, text=c.text, logp=[round(float(v), 4) for v in c.logp],
+                   rank=[int(v) for v in c.rank], end_logp=round(float(c.end_logp), 4),
+                   unknown=list(c.unknown or []), unknown_at=list(c.unknown_at or []))
     return rec
+
+
+def beam_record(c: Caption, grounding: Sequence[WordScore] | None = None) -> dict[str, Any]:
+    """One caption (a beam, or an explained text) in the page's format."""
+    return _beam_record(c, grounding)
 
 
 def _default_title(models: Sequence[ModelInfo], n: int) -> str:
@@ -260,9 +269,27 @@ class Report:
         report = cls(infos, entries, sorted(skipped.items()), title)
         if references:
             report.attach_references(references)
+            report.explain_references(models, mode)
         if entities is not None:
             report.attach_entities(entities)
         return report
+
+    def explain_references(self, models: Mapping[str, CaptionerAPI], mode: str | None = None
+                           ) -> None:
+        """Each image's reference captions, explained by each model (teacher forced), joined
+        to that model's beams: on the page they open beside the model's own caption."""
+        for m, api in enumerate(models.values()):
+            for e in self.entries:
+                refs = [r for r in e.references or [] if r.split()]
+                if not refs:
+                    continue
+                c = e.captions[m]
+                try:
+                    done = api.explain([e.path], [refs], mode=mode, own_caption=False)
+                except ValueError:  # a reference with no word the tokenizer keeps
+                    continue
+                c.alternatives = list(c.alternatives or [replace(c, alternatives=[])]) + \
+                    list(done)
 
     @classmethod
     def from_captions(cls, captions: Mapping[str, Sequence[Caption]],

@@ -256,6 +256,7 @@
     if (i < 0 || i >= data.images.length) return;
     state.image = i;
     if (!keepWords) { state.beam = models.map(() => 0); state.word = models.map(() => 0); }
+    $("explain").hidden = !(data.mode === "serve" && data.images[i].key);  // an upload: ask away
     buildPanels();
     markCurrent();
   }
@@ -326,6 +327,11 @@
       bar.appendChild(fill);
       s.appendChild(bar);
       s.title = `β = ${fmt(b.beta[t], 3)}`;
+      if (b.logp) s.title += ` · log p ${fmt(b.logp[t], 2)} · rank ${b.rank[t]}`;
+      if (b.unknown_at && b.unknown_at.includes(t)) {  // fed to the model as <unk>
+        s.classList.add("unk");
+        s.title += " · not in the model's vocabulary: fed as <unk>";
+      }
       const g = b.grounding && b.grounding[t];
       if (g) {  // names a boxed thing: its correctness under the word (a ::after, not text)
         s.classList.add("named");
@@ -347,7 +353,9 @@
     P.scores.appendChild(el("span", "m", `log p ${fmt(b.score, 2)}`));
     P.beams.innerHTML = "";
     if (r.beams.length > 1) r.beams.forEach((alt, k) => {
-      const li = el("li", k === state.beam[mi] ? "on" : "", alt.words.join(" "));
+      // an explained caption (a person's words, teacher forced) is marked as such
+      const li = el("li", (k === state.beam[mi] ? "on" : "") + (alt.explained ? " explained" : ""),
+                    (alt.explained ? "✎ " : "") + alt.words.join(" "));
       li.appendChild(el("span", "lp", `log p ${fmt(alt.score, 2)}`));
       li.addEventListener("click", (ev) => { ev.stopPropagation(); setActive(mi); state.beam[mi] = k; state.word[mi] = 0; fillPanel(mi); });
       P.beams.appendChild(li);
@@ -402,6 +410,8 @@
       txt += ` · crop (${bx.map((v) => Math.round(v)).join(", ")})`;
     }
     if (g) txt += ` · on its reference boxes ${fmt(g.correctness, 2)} (uniform ${fmt(g.uniform, 2)}), peak ${g.pointing ? "inside" : "outside"}`;
+    if (b.logp) txt += ` · log p ${fmt(b.logp[t], 2)}, rank ${b.rank[t]}`;
+    if (b.unknown_at && b.unknown_at.includes(t)) txt += " · not in the vocabulary (fed as <unk>)";
     P.info.appendChild(document.createTextNode(txt));
     shown[mi] = { image: state.image, model: mi, beam: state.beam[mi], word: t,
                   text: b.words[t], map: Array.from(map), peak: peak,
@@ -534,7 +544,38 @@
     $("status").textContent = `${file.name}: captioned in ${fmt(body.seconds, 2)} s`;
   }
 
+  async function explain(text) {
+    hideError();
+    const im = data.images[state.image];
+    if (!im || !im.key || !text.trim()) return;
+    $("status").textContent = "explaining …";
+    let res, body;
+    try {
+      res = await fetch("explain", { method: "POST", body: JSON.stringify({ key: im.key, text }),
+                                     headers: { "Content-Type": "application/json" } });
+      body = await res.json();
+    } catch (e) {
+      $("status").textContent = "";
+      showError(`No answer from the server (${e.message}). Is showattend serve still running?`);
+      return;
+    }
+    $("status").textContent = "";
+    if (!res.ok || body.error) { showError(body.error || `the server answered ${res.status}`); return; }
+    body.beams.forEach((b, mi) => {
+      const r = im.results[mi];
+      if (!r) return;
+      r.beams.push(b);
+      state.beam[mi] = r.beams.length - 1;
+      state.word[mi] = 0;
+      fillPanel(mi);
+    });
+    const unk = body.beams.length ? body.beams[0].unknown : [];
+    $("status").textContent = `explained in ${fmt(body.seconds, 2)} s` +
+      (unk.length ? ` · not in the vocabulary, fed as <unk>: ${unk.join(", ")}` : "");
+  }
+
   function setupUpload() {
+    $("explain").addEventListener("submit", (e) => { e.preventDefault(); explain($("explain-text").value); });
     $("upload").hidden = false;
     const input = $("file"), drop = $("drop");
     input.addEventListener("change", () => { const f = input.files[0]; input.value = ""; upload(f); });
