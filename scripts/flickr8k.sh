@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # From nothing to a test score on Flickr8k photos, with the README's chosen settings: prepare the
 # store and the EfficientNet-Lite0 feature cache, train the cross-entropy model with attention
-# supervision from the Flickr30k Entities boxes (configs/flickr8k_soft.toml: four runs, train.seed
+# supervision from the Flickr30k Entities boxes (configs/flickr8k_soft_ensemble.toml: four runs, train.seed
 # 0–3, two at a time, joined into one ensemble), evaluate it on the test split with the photo-grounding
 # measures. Prints the wall time of each step. (Self-critical fine-tuning is a separate step:
 # configs/flickr8k_scst.toml, README "Sequence-level training".)
@@ -24,8 +24,8 @@ step() {  # step NAME COMMAND...: run it, print its wall time
   "$@"
   echo "flickr8k.sh: $name took $(( $(date +%s) - s )) s (total $(( $(date +%s) - t0 )) s)"
 }
-step prepare $SA -q prepare --config configs/flickr8k_soft.toml
-step train $SA -q train --config configs/flickr8k_soft.toml --no-test  # the next step tests
-step evaluate $SA -q evaluate --checkpoint runs/flickr8k_soft/best.pt --split test \
+step prepare $SA -q prepare --config configs/flickr8k_soft_ensemble.toml
+step train $SA -q train --config configs/flickr8k_soft_ensemble.toml --no-test  # the next step tests
+step evaluate $SA -q evaluate --checkpoint runs/flickr8k_soft_ensemble/best.pt --split test \
   --entities data/flickr8k/annotations.zip
 echo "flickr8k.sh: from nothing to the test score in $(( $(date +%s) - t0 )) s"

@@ -57,7 +57,7 @@ MODELS: dict[str, ModelInfo] = {m.name: m for m in (
         file="flickr8k.pt",
         sha256="70336442b7a1870703cc1b64aa97c56c9c88ff77b2d4adea40412ee915d1c939",
         size=21017444,
-        config="configs/flickr8k_soft_w1.toml",
+        config="configs/flickr8k_soft.toml",
         description="soft attention on EfficientNet-Lite0 7x7, trained on Flickr8k with "
                     "attention supervision from Flickr30k Entities boxes; see MODEL_CARD.md",
         # evaluate --model flickr8k --split test --entities … (beam 3; MODEL_CARD.md)
