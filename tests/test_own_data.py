@@ -225,3 +225,14 @@ def test_maps_are_drawn_on_the_photo_at_its_own_shape(tmp_path):
     [c] = api.caption([str(tall)], beam=1, max_len=4)
     assert c.aspect is None
     assert np.asarray(api.overlay(c).axes[0].images[0].get_array()).shape[:2] == (32, 32)
+
+
+def test_no_built_in_config_asks_for_a_finer_grid_than_its_backbone_gives():
+    from showattend.models.backbones import get_backbone
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.toml")):
+        e = C.load_config(str(path)).encoder
+        spec = get_backbone(e.backbone)
+        if spec.pretrained:
+            assert e.grid <= spec.grid_at(e.image_size), (path.name, e.grid)
