@@ -269,18 +269,13 @@ class CaptionerAPI:
                       ) -> Iterator[tuple[Path, list[Caption] | None, str | None]]:
         """:meth:`explain` over files and folders: ``texts_for(path)`` gives each image's texts
         (an image with none is skipped). Yields (path, records, None) or (path, None, reason)."""
-        from showattend.explain import ExplainError
-
         paths = [p for p in iter_image_paths(inputs)]
         for items in image_batches(paths, self.preprocess, batch_size, workers):
             good = [it for it in items if it.error is None and texts_for(it.path)]
-            try:
-                recs = iter(self._explain_batch(
-                    [str(it.path) for it in good], [it.view for it in good],
-                    torch.stack([it.pixels for it in good]), [texts_for(it.path) for it in good],
-                    mode, beam) if good else [])
-            except ExplainError:
-                raise
+            recs = iter(self._explain_batch(
+                [str(it.path) for it in good], [it.view for it in good],
+                torch.stack([it.pixels for it in good]), [texts_for(it.path) for it in good],
+                mode, beam) if good else [])
             for it in items:
                 if it.error is not None:
                     yield it.path, None, it.error

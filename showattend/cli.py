@@ -29,6 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from showattend.data.entities import EntitiesError
     from showattend.data.images import ImageLoadError
     from showattend.ensemble import EnsembleError
+    from showattend.explain import ExplainError
     from showattend.models.encoder import EncoderError
     from showattend.quantize import QuantizationError
     from showattend.runtime import TrainingError
@@ -36,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (UserError, ConfigError, DataFormatError, ImageLoadError, CheckpointError,
             EncoderError, TrainingError, VocabError, QuantizationError, EntitiesError,
-            EnsembleError, OSError)  # OSError: missing file, disk full…
+            EnsembleError, ExplainError, OSError)  # OSError: missing file, disk full…
 
 
 class _Parser(argparse.ArgumentParser):
@@ -274,16 +275,13 @@ def _caption_run(args: argparse.Namespace, photos: dict, overlay_dir: Path | Non
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Teacher-force texts a person writes and show where the model looks for each word."""
-    from showattend.explain import ExplainError, gather_texts, unknown_line
+    from showattend.explain import gather_texts, unknown_line
     from showattend.visualize import save_attention_figure
 
     overlay_dir = Path(args.overlay_dir) if args.overlay_dir else None
     if overlay_dir is not None and overlay_dir.exists() and not overlay_dir.is_dir():
         raise UserError(f"--overlay-dir {overlay_dir} exists and is not a directory")
-    try:
-        texts_for, refs = gather_texts(args.text or [], args.texts, args.references)
-    except ExplainError as exc:
-        raise UserError(str(exc)) from None
+    texts_for, refs = gather_texts(args.text or [], args.texts, args.references)
     import showattend
 
     photos = _entities_for(args.entities, args.images)
@@ -291,31 +289,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
                           precision=args.precision)
     records, failed, done, unknown = [], 0, 0, []
     used_names: set[str] = set()
-    try:
-        for path, recs, err in cap.explain_paths(args.images, texts_for, mode=args.mode,
-                                                 beam=args.beam, batch_size=args.batch_size):
-            if err is not None:
-                failed += 1
-                print(f"showattend: skipped: {err}", file=sys.stderr)
-                continue
-            done += 1
-            photo = photos.get(str(path))
-            for k, c in enumerate(recs):
-                unknown.extend(c.unknown or [])
-                grounding = cap.word_scores(c, photo) if photo is not None else None
-                if args.json:
-                    records.append(_explained_json(c, grounding))
-                else:
-                    print(f"{path}\t{c.score:.3f}\t{c.caption}\t" + " ".join(
-                        f"{w}:{lp:.2f}" for w, lp in zip(c.words, c.logp)) + f" <end>:{c.end_logp:.2f}")
-                if overlay_dir is not None:
-                    save_attention_figure(cap.overlay(c, grounding=grounding),
-                                          overlay_dir / _unique_name(Path(f"{path.stem}_{k}{path.suffix}"),
-                                                                     used_names))
-            if recs and not args.json:
-                print(f"{path}\t{recs[0].model_score:.3f}\t[model] {recs[0].model_caption}")
-    except ExplainError as exc:
-        raise UserError(str(exc)) from None
+    for path, recs, err in cap.explain_paths(args.images, texts_for, mode=args.mode,
+                                             beam=args.beam, batch_size=args.batch_size):
+        if err is not None:
+            failed += 1
+            print(f"showattend: skipped: {err}", file=sys.stderr)
+            continue
+        done += 1
+        photo = photos.get(str(path))
+        for k, c in enumerate(recs):
+            unknown.extend(c.unknown or [])
+            grounding = cap.word_scores(c, photo) if photo is not None else None
+            if args.json:
+                records.append(_explained_json(c, grounding))
+            else:
+                print(f"{path}\t{c.score:.3f}\t{c.caption}\t" + " ".join(
+                    f"{w}:{lp:.2f}" for w, lp in zip(c.words, c.logp)) + f" <end>:{c.end_logp:.2f}")
+            if overlay_dir is not None:
+                save_attention_figure(cap.overlay(c, grounding=grounding),
+                                      overlay_dir / _unique_name(Path(f"{path.stem}_{k}{path.suffix}"),
+                                                                 used_names))
+        if recs and not args.json:
+            print(f"{path}\t{recs[0].model_score:.3f}\t[model] {recs[0].model_caption}")
     if args.json:
         json.dump(records, sys.stdout)
         sys.stdout.write("\n")

@@ -189,7 +189,12 @@ def test_report_data_is_the_models_output(built, test_images):
             [c] = api.caption([path], beam=2, alternatives=True)
             r = im["results"][mi]
             assert r["beams"][0]["words"] == c.words == e.captions[mi].words
-            assert len(r["beams"]) == 2
+            # the model's two beams, then each reference caption explained (marked)
+            own = [b for b in r["beams"] if not b.get("explained")]
+            told = [b for b in r["beams"] if b.get("explained")]
+            assert len(own) == 2 and r["beams"][:2] == own
+            assert [b["text"] for b in told] == im["refs"]
+            assert all(len(b["logp"]) == len(b["words"]) for b in told)
             for b, alt in zip(r["beams"], c.alternatives):
                 maps = decode_maps(b["maps"], b["peaks"], (8, 8))
                 assert np.abs(maps - alt.attention).max() <= alt.attention.max() / 510 + 1e-6

@@ -22,10 +22,12 @@ PHOTOS = ["flickr8k_256085101_dog.jpg", "flickr8k_2374652725_32f90fa15c.jpg",
           "flickr8k_280706862_14c30d734a.jpg"]  # Flickr8k test-split photos (224², as released)
 
 
-def _card_captions() -> dict[str, str]:
-    """The captions MODEL_CARD.md records for the three test photos (its table rows)."""
+def _card_captions(model: str = "flickr8k") -> dict[str, str]:
+    """The captions MODEL_CARD.md records for the three test photos (its table rows; the hard
+    model's rows start "| hard `photo` |")."""
     card = (registry.get(registry.DEFAULT_MODEL).path.parent / "MODEL_CARD.md").read_text()
-    rows = re.findall(r"^\| `(flickr8k_[\w.]+\.jpg)` \| (.+?) \|$", card, re.M)
+    lead = "hard " if model == "flickr8k-hard" else ""
+    rows = re.findall(r"^\| " + lead + r"`(flickr8k_[\w.]+\.jpg)` \| (.+?) \|$", card, re.M)
     return dict(rows)
 
 
@@ -40,19 +42,31 @@ def test_registry_names_the_model_and_unknown_names_list_the_known_ones():
     assert "\n" not in msg and "unknown model 'flickr9k'" in msg and "flickr8k" in msg
 
 
-def test_shipped_model_verifies_and_captions_three_test_photos_as_its_card_says():
-    path = registry.model_file("flickr8k")  # size and SHA-256 checked
-    assert path.stat().st_size == registry.get("flickr8k").size
-    cap = showattend.load("flickr8k")
-    got = {p: c.caption for p, c in zip(PHOTOS, cap.caption([ASSETS / p for p in PHOTOS]))}
-    assert got == _card_captions()
+@pytest.mark.parametrize("name", ["flickr8k", "flickr8k-hard"])
+def test_shipped_model_verifies_and_captions_three_test_photos_as_its_card_says(name):
+    path = registry.model_file(name)  # size and SHA-256 checked
+    assert path.stat().st_size == registry.get(name).size
+    cap = showattend.load(name)
+    caps = cap.caption([ASSETS / p for p in PHOTOS])
+    got = {p: c.caption for p, c in zip(PHOTOS, caps)}
+    assert got == _card_captions(name) and len(got) == 3
     assert all("<unk>" not in c for c in got.values())
     assert sum((ASSETS / p).stat().st_size for p in PHOTOS) <= 100_000
+    if name == "flickr8k-hard":  # one cell per word: its crop box travels with the caption
+        assert cap.attention_kind == "hard" and cap.model.test_mode == "argmax"
+        assert all(c.boxes is not None and len(c.boxes) == len(c.words) for c in caps)
+
+
+def test_the_shipped_models_stay_under_50_mb():
+    files = [registry.get(n).path for n in showattend.available_models()]
+    assert {"flickr8k", "flickr8k-hard"} <= set(showattend.available_models())
+    assert sum(f.stat().st_size for f in files) < 50_000_000
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_a_damaged_copy_is_refused_with_one_line(tmp_path, monkeypatch, damage):
-    src = registry.get("flickr8k").path
+@pytest.mark.parametrize("name", ["flickr8k", "flickr8k-hard"])
+def test_a_damaged_copy_is_refused_with_one_line(tmp_path, monkeypatch, damage, name):
+    src = registry.get(name).path
     shutil.copy(src, tmp_path / src.name)
     data = bytearray((tmp_path / src.name).read_bytes())
     if damage == "flip":
@@ -62,7 +76,7 @@ def test_a_damaged_copy_is_refused_with_one_line(tmp_path, monkeypatch, damage):
     (tmp_path / src.name).write_bytes(bytes(data))
     monkeypatch.setattr(registry, "_HERE", tmp_path)
     with pytest.raises(registry.ModelError) as exc:
-        showattend.load("flickr8k")
+        showattend.load(name)
     msg = str(exc.value)
     assert "\n" not in msg and str(tmp_path / src.name) in msg and "SHA-256" in msg
 
@@ -119,3 +133,19 @@ def test_train_init_accepts_the_shipped_model_by_name():
     other = Vocab.build(["a dog runs", "a cat sits"])
     with pytest.raises(TrainingError, match="vocabulary differs"):
         _warm_start(Captioner.from_config(cfg, len(other)), "flickr8k", other, "train.init", cfg)
+
+
+def test_inspect_puts_the_shipped_soft_and_hard_models_side_by_side(tmp_path):
+    import json
+
+    from showattend.cli import main
+
+    out = tmp_path / "r.html"
+    assert main(["-q", "inspect", *[str(ASSETS / p) for p in PHOTOS[:2]], "--checkpoint",
+                 "flickr8k", "--checkpoint", "flickr8k-hard", "--out", str(out), "--json",
+                 str(tmp_path / "r.json")]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [m["name"] for m in data["models"]] == ["flickr8k", "flickr8k-hard"]
+    assert [m["attention"] for m in data["models"]] == ["soft", "hard"]
+    hard = data["images"][0]["results"]["flickr8k-hard"]
+    assert hard["boxes"] and len(hard["boxes"]) == len(hard["words"])

@@ -279,6 +279,10 @@ def prepare(cfg: Any, workers: int | None = None, features: bool = True, overwri
         raise ValueError("chunk_size and feature_batch must be >= 1")
     splits = load_splits(d, progress=progress, source=True)
     rows = [(s, r) for s in ("train", "val", "test") for r in getattr(splits, s)]
+    # files that are not there get no row of the store: a captions file for all of COCO over a
+    # folder holding a few hundred of its photos must not allocate a store for all of them
+    absent = [r for _, r in rows if not Path(r.path).is_file()]
+    rows = [(s, r) for s, r in rows if Path(r.path).is_file()]
     settings, digest = _plan(cfg, rows)
     n = len(rows)
     size = (cfg.encoder.image_size, cfg.encoder.image_size)
@@ -298,6 +302,9 @@ def prepare(cfg: Any, workers: int | None = None, features: bool = True, overwri
     # ---- phase 1: the uint8 image store
     status, failures, images_computed, images_s = _image_phase(
         out, work, existing, rows, digest, size, cfg, workers, progress, chunk_size, on_chunk)
+    # the absent files are skipped as "missing" too, numbered after the store's rows
+    failures = {**failures, **{n + j: ("missing", f"{r.path}: no such file")
+                               for j, r in enumerate(absent)}}
     good = [i for i in range(n) if status[i] == GOOD]
 
     # ---- phase 2: the float16 feature cache (frozen encoders only)
