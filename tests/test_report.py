@@ -249,7 +249,10 @@ def test_report_json_export(built, tmp_path):
     assert rec["words"] == c.words and rec["caption"] == c.caption
     np.testing.assert_allclose(rec["attention"], c.attention, atol=1e-6)
     assert rec["boxes"] == [list(b) for b in c.boxes] and rec["locations"] == c.locations.tolist()
-    assert len(rec["alternatives"]) == 2 and rec["alternatives"][0]["words"] == c.words
+    # the two beams, then the reference caption explained (its text, log p per word)
+    assert len(rec["alternatives"]) == 2 + len(img["references"])
+    assert rec["alternatives"][0]["words"] == c.words and "logp" not in rec["alternatives"][0]
+    assert [a["text"] for a in rec["alternatives"][2:]] == img["references"]
     assert set(rec["scores"]) == {"BLEU-4", "CIDEr"} and img["references"]
 
 
