@@ -65,6 +65,20 @@ MODELS: dict[str, ModelInfo] = {m.name: m for m in (
                  "CIDEr": 0.5207, "correctness": 0.7664, "correctness_uniform": 0.3799,
                  "correctness_centre": 0.5648, "pointing": 0.8346, "pointing_centre": 0.6495},
     ),
+    ModelInfo(
+        name="flickr8k-hard",
+        file="flickr8k-hard.pt",
+        sha256="7520f44babdf3bfb7eb39a75d969afcbc8cc73b9c6c09f0f76cc8bff56e9a2bc",
+        size=21017764,
+        config="configs/flickr8k_hard.toml",
+        description="hard attention (one 3x3 crop of the 7x7 EfficientNet-Lite0 grid per word, "
+                    "REINFORCE with a leave-one-out baseline, box supervision on the location "
+                    "distribution), fine-tuned from flickr8k; see MODEL_CARD.md",
+        # evaluate --model flickr8k-hard --split test --entities … (beam 3, argmax; MODEL_CARD.md)
+        metrics={"BLEU-1": 0.6213, "BLEU-4": 0.2091, "METEOR": 0.1984, "ROUGE-L": 0.4529,
+                 "CIDEr": 0.5066, "correctness": 0.7792, "correctness_uniform": 0.3681,
+                 "correctness_centre": 0.5537, "pointing": 0.8513, "pointing_centre": 0.6450},
+    ),
 )}
 DEFAULT_MODEL = "flickr8k"
 
