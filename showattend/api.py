@@ -21,7 +21,7 @@ from PIL import Image
 from showattend import precision as P
 from showattend import runtime
 from showattend.data.folder import image_batches, iter_image_paths
-from showattend.data.images import ImageLoadError, Preprocessor
+from showattend.data.images import ImageLoadError, Preprocessor, load_image
 from showattend.decoding import decode
 from showattend.loading import load_model
 from showattend.records import CaptionRecord, display_view
@@ -133,17 +133,22 @@ class CaptionerAPI:
         out: list[Caption] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start: start + batch_size])
-            views = [self.preprocess.view(im) for im in chunk]  # (H, W, 3) each
+            views, sizes = self._load(chunk)
             batch = torch.stack([self.preprocess.normalize(v) for v in views])  # (B, 3, H, W)
             out.extend(self._caption_batch(chunk, views, batch, beam, max_len, mode,
-                                           alternatives))
+                                           alternatives, sizes))
         return Captions(out, model={
             "attention": self.attention_kind, "grid": tuple(self.model.grid), "beam": beam,
             "mode": mode or self.model.test_mode,
             "window": int(getattr(self.model.decoder.attention, "window", 1))})
 
+    def _load(self, chunk) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """Views (H, W, 3) of paths or PIL images, and each photo's (width, height)."""
+        imgs = [im if isinstance(im, Image.Image) else load_image(im) for im in chunk]
+        return [self.preprocess.view(im) for im in imgs], [im.size for im in imgs]
+
     def _caption_batch(self, chunk, views, batch, beam, max_len, mode,
-                       alternatives: bool = False) -> list[Caption]:
+                       alternatives: bool = False, sizes=None) -> list[Caption]:
         with runtime.autocast(self.precision, self.device):  # precision.py
             feats = self.model.encode(batch.to(self.device))  # (B, L, D)
             dec = decode(self.model, feats, beam=beam, max_len=max_len,
@@ -157,26 +162,17 @@ class CaptionerAPI:
             # a beam at -inf (more beams than the vocabulary could fill) is no hypothesis
             rows = [self._row_caption(dec, j * k + r, name, views[j], mode) for r in range(k)
                     if r == 0 or torch.isfinite(dec.scores[j * k + r])]
-            aspect = self._aspect(src)
+            aspect = self._aspect(sizes[j] if sizes else None)
             for row in rows:
                 row.aspect = aspect
             # a copy heads the list, so no Caption holds itself (no cycles for repr, eq, pickle)
             res.append(replace(rows[0], alternatives=rows) if alternatives else rows[0])
         return res
 
-    def _aspect(self, src) -> tuple[int, int] | None:
-        """(width, height) of the photo where the model's view stretches it (else None)."""
-        if self.preprocess.resize != "stretch":
-            return None  # a centre crop is drawn as the model saw it
-        if isinstance(src, Image.Image):
-            return src.size
-        try:
-            with Image.open(src) as im:  # the header only
-                w, h = im.size
-                o = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
-                return (h, w) if o in (5, 6, 7, 8) else (w, h)  # EXIF-rotated photos
-        except Exception:  # noqa: BLE001 - the view was made, so only the drawing shape is lost
-            return None
+    def _aspect(self, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The photo's (width, height) where the model's view stretches it (else None: a centre
+        crop is drawn as the model saw it)."""
+        return size if self.preprocess.resize == "stretch" else None
 
     def _row_caption(self, dec, row: int, name: str, view: np.ndarray, mode) -> Caption:
         """The Caption held in row ``row`` of a decoding result."""
@@ -221,7 +217,7 @@ class CaptionerAPI:
             caps = iter(self._caption_batch(
                 [str(it.path) for it in good], [it.view for it in good],
                 torch.stack([it.pixels for it in good]), beam, max_len, mode,
-                alternatives) if good else [])
+                alternatives, [it.size for it in good]) if good else [])
             for it in items:
                 yield (it.path, None, it.error) if it.error is not None else (it.path, next(caps),
                                                                              None)
@@ -251,13 +247,13 @@ class CaptionerAPI:
         out: list[Caption] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start: start + batch_size]
-            views = [self.preprocess.view(im) for im in chunk]
+            views, sizes = self._load(chunk)
             batch = torch.stack([self.preprocess.normalize(v) for v in views])
             names = [str(src) if not isinstance(src, Image.Image) else "<PIL.Image>"
                      for src in chunk]
             for recs in self._explain_batch(names, views, batch,
                                             per_image[start: start + batch_size], mode, beam,
-                                            own_caption):
+                                            own_caption, sizes):
                 out.extend(recs)
         return Captions(out, model={
             "attention": self.attention_kind, "grid": tuple(self.model.grid),
@@ -271,20 +267,21 @@ class CaptionerAPI:
         (an image with none is skipped). Yields (path, records, None) or (path, None, reason)."""
         paths = [p for p in iter_image_paths(inputs)]
         for items in image_batches(paths, self.preprocess, batch_size, workers):
-            good = [it for it in items if it.error is None and texts_for(it.path)]
+            texts = [texts_for(it.path) if it.error is None else [] for it in items]
+            good = [(it, ts) for it, ts in zip(items, texts) if ts]
             recs = iter(self._explain_batch(
-                [str(it.path) for it in good], [it.view for it in good],
-                torch.stack([it.pixels for it in good]), [texts_for(it.path) for it in good],
-                mode, beam) if good else [])
-            for it in items:
+                [str(it.path) for it, _ in good], [it.view for it, _ in good],
+                torch.stack([it.pixels for it, _ in good]), [ts for _, ts in good],
+                mode, beam, sizes=[it.size for it, _ in good]) if good else [])
+            for it, ts in zip(items, texts):
                 if it.error is not None:
                     yield it.path, None, it.error
-                elif texts_for(it.path):
+                elif ts:
                     yield it.path, next(recs), None
 
     def _explain_batch(self, names: list[str], views: list[np.ndarray], batch: torch.Tensor,
                        texts: list[Sequence[str]], mode: str | None, beam: int | None,
-                       own_caption: bool = True) -> list[list[Caption]]:
+                       own_caption: bool = True, sizes=None) -> list[list[Caption]]:
         from showattend.explain import encode_text, teacher_force
 
         encoded = [[encode_text(self.vocab, t) for t in ts] for ts in texts]
@@ -301,7 +298,7 @@ class CaptionerAPI:
         out = []
         for i, ts in enumerate(encoded):
             mine = self._row_caption(own, i, names[i], views[i], mode) if own else None
-            aspect = self._aspect(names[i]) if names[i] != "<PIL.Image>" else None
+            aspect = self._aspect(sizes[i] if sizes else None)
             recs = []
             for j, t in enumerate(ts):
                 r, n = i * g + j, len(t.words)

@@ -36,22 +36,22 @@ def _coco_file(path: Path, names: list[str], first_id: int = 1) -> Path:
     return path
 
 
-def _layout_2017(root: Path, n: int = 30) -> Path:
-    """COCO 2017: ROOT/val2017/000000000123.jpg, ROOT/annotations/captions_val2017.json."""
-    names = [f"{100 + i:012d}.jpg" for i in range(n)]
-    (root / "val2017").mkdir(parents=True)
+def _layout(root: Path, split: str, prefix: str = "", n: int = 30) -> Path:
+    """An official COCO layout: ROOT/<split>/<prefix>000000000123.jpg and
+    ROOT/annotations/captions_<split>.json (2017: no prefix; 2014: "COCO_val2014_")."""
+    names = [f"{prefix}{100 + i:012d}.jpg" for i in range(n)]
+    (root / split).mkdir(parents=True)
     for i, name in enumerate(names):
-        draw(root / "val2017" / name, COLOURS[i % 3], SHAPES[(i // 3) % 2])
-    return _coco_file(root / "annotations" / "captions_val2017.json", names, 100)
+        draw(root / split / name, COLOURS[i % 3], SHAPES[(i // 3) % 2])
+    return _coco_file(root / "annotations" / f"captions_{split}.json", names, 100)
+
+
+def _layout_2017(root: Path, n: int = 30) -> Path:
+    return _layout(root, "val2017", "", n)
 
 
 def _layout_2014(root: Path, n: int = 30) -> Path:
-    """COCO 2014: ROOT/val2014/COCO_val2014_000000000123.jpg; the file names carry the folder."""
-    names = [f"COCO_val2014_{100 + i:012d}.jpg" for i in range(n)]
-    (root / "val2014").mkdir(parents=True)
-    for i, name in enumerate(names):
-        draw(root / "val2014" / name, COLOURS[i % 3], SHAPES[(i // 3) % 2])
-    return _coco_file(root / "annotations" / "captions_val2014.json", names, 100)
+    return _layout(root, "val2014", "COCO_val2014_", n)
 
 
 def test_split_is_disjoint_complete_seeded_and_follows_the_fractions():

@@ -30,6 +30,7 @@ class LoadedImage:
     view: np.ndarray | None  # (H, W, 3) uint8: what the model saw (overlays are drawn on it)
     pixels: torch.Tensor | None  # (3, H, W) normalised model input
     error: str | None
+    size: tuple[int, int] | None = None  # (width, height) of the photo as shown (EXIF-rotated)
 
 
 class ImageFiles(Dataset):
@@ -45,10 +46,11 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> LoadedImage:
         path = self.paths[i]
         try:
-            view = self.preprocess.view(load_image(path))  # (H, W, 3)
+            img = load_image(path)
+            view = self.preprocess.view(img)  # (H, W, 3)
         except ImageLoadError as exc:
             return LoadedImage(path, None, None, str(exc))
-        return LoadedImage(path, view, self.preprocess.normalize(view), None)
+        return LoadedImage(path, view, self.preprocess.normalize(view), None, img.size)
 
 
 def _keep_list(items: list[LoadedImage]) -> list[LoadedImage]:

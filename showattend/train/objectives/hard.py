@@ -92,7 +92,7 @@ class HardAttention(Objective):
         if dist.enabled and h.mix_mode == "batch":  # one decision for the global batch: the
             mode = D.broadcast(mode, dist)  # ranks must run the same collectives below
         idx, mix, n_exp = sample_rows(mix, mode, len(caps), h.n_samples)
-        if len(idx) != len(caps) or not bool((idx == torch.arange(len(caps))).all()):
+        if h.n_samples > 1 and mode != "expectation":  # rows regrouped (sample_rows)
             idx = idx.to(feats.device)
             feats, caps = feats[idx], caps[idx]  # (R, L, D), (R, T+1)
             image_ids = image_ids[idx.to(image_ids.device)] if image_ids is not None else None
@@ -121,9 +121,11 @@ class HardAttention(Objective):
         if h.baseline == "moving":
             self._update_baseline(state, baseline, hl.reward, sampled)
         adv = hl.advantage[sampled]
-        b_rec = float(baseline) if isinstance(baseline, float) else float(
-            (hl.advantage.new_zeros(()) if not len(adv) else (hl.reward[sampled] - (
-                adv if adv.dim() == 1 else adv[:, 0])).mean()))
+        # the leave-one-out baselines, logged as their mean for the whole caption (reward − its
+        # first step's advantage: the first location is credited with every word)
+        first = adv if adv.dim() == 1 else adv[:, :1].flatten()
+        b_rec = (float(baseline) if isinstance(baseline, float) else
+                 float((hl.reward[sampled] - first).mean()) if len(first) else 0.0)
         rec = {"loss": global_mean(loss, dist), "ce": float(hl.ce.detach()),
                "reward": float(hl.reward.mean()), "baseline": b_rec,
                "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
