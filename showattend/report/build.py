@@ -30,6 +30,7 @@ from PIL import Image
 from showattend.data.folder import iter_image_paths
 from showattend.data.images import Preprocessor
 from showattend.io import atomic_write_json, atomic_write_text
+from showattend.vocab import tokenize
 
 if TYPE_CHECKING:
     from showattend.attention_grounding import WordScore
@@ -280,14 +281,11 @@ class Report:
         to that model's beams: on the page they open beside the model's own caption."""
         for m, api in enumerate(models.values()):
             for e in self.entries:
-                refs = [r for r in e.references or [] if r.split()]
+                refs = [r for r in e.references or [] if tokenize(r)]  # a word to feed
                 if not refs:
                     continue
                 c = e.captions[m]
-                try:
-                    done = api.explain([e.path], [refs], mode=mode, own_caption=False)
-                except ValueError:  # a reference with no word the tokenizer keeps
-                    continue
+                done = api.explain([e.path], [refs], mode=mode, own_caption=False)
                 c.alternatives = list(c.alternatives or [replace(c, alternatives=[])]) + \
                     list(done)
 
